@@ -1,0 +1,534 @@
+"""The job spec: one pydantic model for a whole training job.
+
+This module is the contract users write against. It checks the shape of the
+document (types, ranges, names); whether the model graph, the shapes and the
+loss fit together is checked by `worker.build`, which reports errors with the
+same JSON paths (`model.nodes[3].in`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from worker.errors import SpecError, SpecIssue
+
+# Keys of a layer item that are ours, not arguments of the torch.nn class.
+LAYER_RESERVED_KEYS = frozenset({"type", "name", "in", "share", "init"})
+
+MAX_NODES = 10_000
+MAX_NAME_LENGTH = 64
+
+InitName = Literal[
+    "default",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "xavier_normal",
+    "xavier_uniform",
+    "orthogonal",
+    "normal",
+    "uniform",
+    "zeros",
+    "ones",
+]
+
+
+def _json_kind(value: Any) -> str:
+    """Pick a union branch by the JSON type of the value, so errors come from one branch only."""
+    if isinstance(value, dict):
+        return "typed" if "type" in value else "object"
+    if isinstance(value, list | tuple):
+        return "list"
+    return "scalar"
+
+
+def by_kind(**branches: Any) -> Any:
+    """`Annotated[A | B, ...]` that dispatches on JSON type: by_kind(scalar=str, object=X)."""
+    members = tuple(Annotated[tp, Tag(kind)] for kind, tp in branches.items())
+    default = next(iter(branches))
+
+    def pick(value: Any) -> str:
+        kind = _json_kind(value)
+        if kind == "typed" and kind not in branches:
+            kind = "object"
+        return kind if kind in branches else default
+
+    return Annotated[Union[members], Discriminator(pick)]  # noqa: UP007
+
+
+class Strict(BaseModel):
+    """Base for spec sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------- data
+
+
+class SplitSpec(Strict):
+    """Hold out a seeded random fraction of the training file for validation."""
+
+    split: float = Field(gt=0.0, lt=1.0, description="Fraction of training rows held out.")
+
+
+FieldRef = by_kind(scalar=str, list=list[str])
+
+
+class DataSpec(Strict):
+    train: str = Field(
+        min_length=1,
+        description="Dataset id (service) or a local file path (local runs): .npz .npy .csv .parquet",
+    )
+    validation: by_kind(scalar=str, object=SplitSpec) | None = Field(  # type: ignore[valid-type]
+        default=None, description="A dataset id/path, or {'split': fraction} of the training data."
+    )
+    inputs: by_kind(scalar=str, list=list[str], object=dict[str, FieldRef]) = Field(  # type: ignore[valid-type]
+        description="Model inputs: one field (one input) or {input_name: field(s)}."
+    )
+    targets: by_kind(scalar=str, list=list[str], object=dict[str, FieldRef]) = Field(  # type: ignore[valid-type]
+        description="Targets: one field (one output) or {output_name: field(s)}."
+    )
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+    shuffle: bool = True
+    drop_last: bool = False
+    num_workers: int = Field(default=0, ge=0, le=64)
+    in_memory: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Hold the dataset as tensors and batch by index (fast) or stream through a "
+        "DataLoader. 'auto' holds it when it fits the memory budget.",
+    )
+
+    @field_validator("inputs", "targets")
+    @classmethod
+    def _names_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("must name at least one field")
+            for key in value:
+                _check_name(key)
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one column")
+        return value
+
+    def input_fields(self) -> dict[str, str | list[str]]:
+        """Model input name -> dataset field(s). A single field is the input named 'input'."""
+        return _as_named(self.inputs, "input")
+
+    def target_fields(self) -> dict[str, str | list[str]]:
+        """Model output name -> dataset field(s). A single field is the output named 'output'."""
+        return _as_named(self.targets, "output")
+
+    @property
+    def single_input(self) -> bool:
+        return not isinstance(self.inputs, dict)
+
+    @property
+    def single_output(self) -> bool:
+        return not isinstance(self.targets, dict)
+
+
+def _as_named(value: str | list[str] | dict[str, Any], default: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value)
+    return {default: value}
+
+
+def _check_name(name: str) -> str:
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"name must be 1 to {MAX_NAME_LENGTH} characters, found {name!r}")
+    if not (name[0].isalpha() or name[0] == "_") or not all(c.isalnum() or c == "_" for c in name):
+        raise ValueError(f"name must be letters, digits and '_' (not starting with a digit), found {name!r}")
+    return name
+
+
+# -------------------------------------------------------------------- model
+
+
+class InitSpec(Strict):
+    """Weight initialisation. A bare string means {'weight': <string>}."""
+
+    weight: InitName = "default"
+    bias: InitName = Field(
+        default="zeros",
+        description="Bias init when a weight init is set; 'default' keeps torch's.",
+    )
+    nonlinearity: Literal["relu", "leaky_relu", "tanh", "sigmoid", "linear", "selu"] = "relu"
+    gain: float | None = Field(default=None, gt=0, description="xavier/orthogonal gain")
+    std: float = Field(default=0.02, gt=0, description="normal init standard deviation")
+    mean: float = 0.0
+    a: float = Field(default=-0.05, description="uniform init lower bound")
+    b: float = Field(default=0.05, description="uniform init upper bound")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"weight": value}
+        return value
+
+
+class LayerSpec(BaseModel):
+    """One layer: `type` plus the keyword arguments of that torch.nn class.
+
+    Arguments are checked against the layer allowlist by `worker.build`
+    (unknown, missing, wrongly typed), so the errors can name the exact path.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str | None = Field(default=None, description="Layer type, case-insensitive.")
+    name: str | None = Field(default=None, description="Node name (graph models; optional in layers).")
+    init: InitSpec | None = Field(default=None, description="Overrides model.init for this layer.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_name(value)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The layer's own arguments (everything but our reserved keys)."""
+        extra = dict(self.model_extra or {})
+        for key in ("in", "share"):
+            extra.pop(key, None)
+        return extra
+
+
+class NodeSpec(LayerSpec):
+    """A node of a graph model: a layer (or merge op) applied to named inputs."""
+
+    name: str = Field(description="Unique node name.")  # type: ignore[assignment]
+    in_: str | list[str] = Field(alias="in", description="Input node(s) or model input(s).")
+    share: str | None = Field(
+        default=None, description="Reuse the module (weights and all) of another node."
+    )
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_node_name(cls, value: str) -> str:
+        return _check_name(value)
+
+    @model_validator(mode="after")
+    def _type_or_share(self) -> NodeSpec:
+        if self.type is None and self.share is None:
+            raise ValueError("a node needs 'type' (a layer or merge op) or 'share' (another node)")
+        if self.type is not None and self.share is not None:
+            raise ValueError("a node takes 'type' or 'share', not both")
+        return self
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.in_] if isinstance(self.in_, str) else list(self.in_)
+
+
+class ModelSpec(Strict):
+    """Either `layers` (Sequential API) or `nodes` + `outputs` (functional API)."""
+
+    layers: list[LayerSpec] | None = Field(default=None, max_length=MAX_NODES)
+    nodes: list[NodeSpec] | None = Field(default=None, max_length=MAX_NODES)
+    outputs: by_kind(scalar=str, object=dict[str, str]) | None = Field(  # type: ignore[valid-type]
+        default=None, description="Node giving each output: a node name, or {output: node}."
+    )
+    init: InitSpec = Field(default_factory=InitSpec)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSpec:
+        if (self.layers is None) == (self.nodes is None):
+            raise ValueError("give either 'layers' (Sequential) or 'nodes' + 'outputs' (graph)")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("'layers' must hold at least one layer")
+            if self.outputs is not None:
+                raise ValueError("'outputs' belongs to graph models ('nodes'), not 'layers'")
+        if self.nodes is not None:
+            if not self.nodes:
+                raise ValueError("'nodes' must hold at least one node")
+            if self.outputs is None:
+                raise ValueError("a graph model needs 'outputs' naming its output node(s)")
+        return self
+
+    @property
+    def is_graph(self) -> bool:
+        return self.nodes is not None
+
+    def output_nodes(self) -> dict[str, str]:
+        """Output name -> node name ('output' for a single output)."""
+        assert self.outputs is not None
+        return _as_named(self.outputs, "output")
+
+
+# ----------------------------------------------------------------- training
+
+LossName = Literal[
+    "cross_entropy", "nll", "bce", "bce_with_logits", "mse", "l1", "smooth_l1", "huber"
+]
+
+
+class LossSpec(Strict):
+    type: LossName
+    weight: float = Field(default=1.0, ge=0, description="Weight of this output's loss in the total.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="cross_entropy only")
+    class_weights: list[float] | None = Field(default=None, description="cross_entropy/nll only")
+    pos_weight: list[float] | float | None = Field(default=None, description="bce_with_logits only")
+    beta: float = Field(default=1.0, gt=0, description="smooth_l1 only")
+    delta: float = Field(default=1.0, gt=0, description="huber only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value}
+        return value
+
+
+class OptimizerSpec(Strict):
+    type: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = "adam"
+    lr: float = Field(default=1e-3, gt=0, le=100)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.0, ge=0, description="sgd, rmsprop")
+    nesterov: bool = Field(default=False, description="sgd")
+    dampening: float = Field(default=0.0, ge=0, description="sgd")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam, adamw")
+    eps: float | None = Field(default=None, gt=0, description="adam, adamw, rmsprop, adagrad")
+    amsgrad: bool = Field(default=False, description="adam, adamw")
+    alpha: float = Field(default=0.99, gt=0, description="rmsprop smoothing")
+    lr_decay: float = Field(default=0.0, ge=0, description="adagrad")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerSpec:
+        if self.nesterov and (self.type != "sgd" or self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs type 'sgd' with momentum > 0 and dampening 0")
+        return self
+
+
+class StepLRSpec(Strict):
+    type: Literal["step"]
+    step_size: int = Field(ge=1, description="epochs between decays")
+    gamma: float = Field(default=0.1, gt=0)
+
+
+class MultiStepLRSpec(Strict):
+    type: Literal["multistep"]
+    milestones: list[int] = Field(min_length=1, description="epochs at which lr decays")
+    gamma: float = Field(default=0.1, gt=0)
+
+
+class ExponentialLRSpec(Strict):
+    type: Literal["exponential"]
+    gamma: float = Field(gt=0)
+
+
+class CosineLRSpec(Strict):
+    """Cosine decay over the whole run, stepped per batch, after a linear warmup."""
+
+    type: Literal["cosine"]
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr: float = Field(default=0.0, ge=0)
+
+
+class OneCycleLRSpec(Strict):
+    type: Literal["onecycle"]
+    max_lr: float | None = Field(default=None, gt=0, description="default: optimizer.lr")
+    pct_start: float = Field(default=0.3, gt=0, lt=1)
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: float = Field(default=25.0, gt=0)
+    final_div_factor: float = Field(default=1e4, gt=0)
+
+
+class ReduceOnPlateauSpec(Strict):
+    type: Literal["reduce_on_plateau"]
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(default=0.1, gt=0, lt=1)
+    patience: int = Field(default=10, ge=0)
+    threshold: float = Field(default=1e-4, ge=0)
+    cooldown: int = Field(default=0, ge=0)
+    min_lr: float = Field(default=0.0, ge=0)
+
+
+SchedulerSpec = Annotated[
+    StepLRSpec
+    | MultiStepLRSpec
+    | ExponentialLRSpec
+    | CosineLRSpec
+    | OneCycleLRSpec
+    | ReduceOnPlateauSpec,
+    Field(discriminator="type"),
+]
+
+
+class MetricSpec(Strict):
+    type: Literal["accuracy", "top_k_accuracy", "mae", "mse", "rmse"]
+    k: int = Field(default=5, ge=1, description="top_k_accuracy only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value}
+        return value
+
+    @property
+    def key(self) -> str:
+        """The metric's name in reports (`accuracy`, `top_5_accuracy`, ...)."""
+        return f"top_{self.k}_accuracy" if self.type == "top_k_accuracy" else self.type
+
+
+class TrainingSpec(Strict):
+    epochs: int = Field(default=10, ge=1, le=100_000)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    max_time_s: float | None = Field(default=None, gt=0, description="stop after this much wall time")
+    loss: by_kind(scalar=LossSpec, typed=LossSpec, object=dict[str, LossSpec]) = Field(  # type: ignore[valid-type]
+        description="A loss name, {type, ...}, or per output {output: loss}."
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    scheduler: SchedulerSpec | None = None
+    metrics: by_kind(list=list[MetricSpec], object=dict[str, list[MetricSpec]]) = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Metrics for every output, or per output."
+    )
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    grad_clip_norm: float | None = Field(default=None, gt=0)
+    accumulate_grad_batches: int = Field(default=1, ge=1, le=10_000)
+    compile: bool = False
+    deterministic: bool = False
+    log_every_n_steps: int = Field(default=50, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda"):
+            return value
+        if value.startswith("cuda:") and value[5:].isdigit():
+            return value
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, found {value!r}")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_aliases(cls, value: Any) -> Any:
+        aliases = {32: "32", "fp32": "32", "bf16": "bf16-mixed", "16": "16-mixed", 16: "16-mixed"}
+        return aliases.get(value, value)
+
+    def losses(self, outputs: list[str]) -> dict[str, LossSpec]:
+        """Output name -> loss. A single loss applies to every output."""
+        if isinstance(self.loss, LossSpec):
+            return {name: self.loss for name in outputs}
+        return dict(self.loss)
+
+    def metrics_for(self, outputs: list[str]) -> dict[str, list[MetricSpec]]:
+        if isinstance(self.metrics, list):
+            return {name: list(self.metrics) for name in outputs}
+        return {name: list(self.metrics.get(name, [])) for name in outputs}
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class CheckpointSpec(Strict):
+    monitor: str | None = Field(
+        default=None, description="Metric to rank epochs by; default val_loss (loss without validation)."
+    )
+    mode: Literal["min", "max"] | None = Field(
+        default=None, description="default: max for accuracy metrics, else min"
+    )
+    save_top_k: int = Field(default=1, ge=0, le=100)
+    save_last: bool = True
+    every_n_epochs: int = Field(default=1, ge=1)
+
+
+class EarlyStoppingSpec(Strict):
+    monitor: str | None = None
+    mode: Literal["min", "max"] | None = None
+    patience: int = Field(default=5, ge=0)
+    min_delta: float = Field(default=0.0, ge=0)
+    start_from_epoch: int = Field(default=0, ge=0)
+    restore_best_weights: bool = False
+
+
+class CallbacksSpec(Strict):
+    checkpoint: CheckpointSpec | None = Field(default_factory=CheckpointSpec)
+    early_stopping: EarlyStoppingSpec | None = None
+    terminate_on_nan: bool = True
+
+
+class ResourcesSpec(Strict):
+    gpus: Literal[0, 1] | None = Field(
+        default=None, description="GPUs to reserve; default 1 when training.device is cuda, else 0."
+    )
+    memory_gb: float | None = Field(default=None, gt=0)
+
+
+# -------------------------------------------------------------------- a job
+
+
+class JobSpec(Strict):
+    """A whole training job: data, model, training, callbacks, resources."""
+
+    name: str = Field(default="job", min_length=1, max_length=200)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    data: DataSpec
+    model: ModelSpec
+    training: TrainingSpec
+    callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_restarts: int = Field(default=3, ge=0, le=100)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.data.target_fields())
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.data.input_fields())
+
+
+def default_mode(monitor: str) -> Literal["min", "max"]:
+    """Keras's rule: accuracy-like metrics are maximised, everything else minimised."""
+    return "max" if "accuracy" in monitor else "min"
+
+
+def default_monitor(spec: JobSpec) -> str:
+    return "val_loss" if spec.data.validation is not None else "loss"
+
+
+def parse_spec(document: str | bytes | dict[str, Any]) -> JobSpec:
+    """Parse and check a job spec; raise SpecError listing every problem with its path."""
+    if isinstance(document, str | bytes):
+        try:
+            document = json.loads(document)
+        except json.JSONDecodeError as exc:
+            raise SpecError([SpecIssue("", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+        except RecursionError:
+            raise SpecError([SpecIssue("", "JSON nested too deeply")]) from None
+    if not isinstance(document, dict):
+        raise SpecError([SpecIssue("", f"a job spec is a JSON object, found {type(document).__name__}")])
+    try:
+        return JobSpec.model_validate(document)
+    except ValidationError as exc:
+        raise SpecError.from_validation(exc, document) from None
+    except RecursionError:
+        raise SpecError([SpecIssue("", "JSON nested too deeply")]) from None
+
+
+def job_schema() -> dict[str, Any]:
+    """The JSON Schema of a job spec, with the layer allowlist spelled out."""
+    from worker.layers import layer_schema
+
+    schema = JobSpec.model_json_schema(by_alias=True)
+    schema["$defs"]["LayerSpec"]["description"] += "\n\n" + layer_schema()["description"]
+    schema["$defs"]["LayerSpec"]["x-layer-types"] = layer_schema()["layers"]
+    return schema
