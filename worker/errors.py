@@ -79,10 +79,7 @@ def _clean_path(loc: tuple[Any, ...], document: Any) -> str:
     node = document
     for index, part in enumerate(loc):
         last = index == len(loc) - 1
-        if isinstance(node, dict) and isinstance(part, str) and part in node:
-            parts.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if (isinstance(node, dict) and isinstance(part, str) and part in node) or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
             parts.append(part)
             node = node[part]
         elif last and isinstance(node, dict) and isinstance(part, str) and _is_field_name(part):
@@ -137,7 +134,7 @@ def _describe_one(error: dict[str, Any]) -> str:
         return "unknown field"
     if kind in ("value_error", "assertion_error"):
         return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if kind in _TYPE_WORDS and _TYPE_WORDS[kind]:
+    if _TYPE_WORDS.get(kind):
         return f"expected {_TYPE_WORDS[kind]}, found {_show(error.get('input'))}"
     if kind == "union_tag_invalid":
         ctx = error.get("ctx", {})

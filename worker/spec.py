@@ -148,7 +148,9 @@ def _check_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise ValueError(f"name must be 1 to {MAX_NAME_LENGTH} characters, found {name!r}")
     if not (name[0].isalpha() or name[0] == "_") or not all(c.isalnum() or c == "_" for c in name):
-        raise ValueError(f"name must be letters, digits and '_' (not starting with a digit), found {name!r}")
+        raise ValueError(
+            f"name must be letters, digits and '_' (not starting with a digit), found {name!r}"
+        )
     return name
 
 
@@ -188,7 +190,9 @@ class LayerSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str | None = Field(default=None, description="Layer type, case-insensitive.")
-    name: str | None = Field(default=None, description="Node name (graph models; optional in layers).")
+    name: str | None = Field(
+        default=None, description="Node name (graph models; optional in layers)."
+    )
     init: InitSpec | None = Field(default=None, description="Overrides model.init for this layer.")
 
     @field_validator("name")
@@ -279,7 +283,9 @@ LossName = Literal[
 
 class LossSpec(Strict):
     type: LossName
-    weight: float = Field(default=1.0, ge=0, description="Weight of this output's loss in the total.")
+    weight: float = Field(
+        default=1.0, ge=0, description="Weight of this output's loss in the total."
+    )
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="cross_entropy only")
     class_weights: list[float] | None = Field(default=None, description="cross_entropy/nll only")
     pos_weight: list[float] | float | None = Field(default=None, description="bce_with_logits only")
@@ -389,8 +395,12 @@ class MetricSpec(Strict):
 
 class TrainingSpec(Strict):
     epochs: int = Field(default=10, ge=1, le=100_000)
-    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
-    max_time_s: float | None = Field(default=None, gt=0, description="stop after this much wall time")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="stop after this many optimizer steps"
+    )
+    max_time_s: float | None = Field(
+        default=None, gt=0, description="stop after this much wall time"
+    )
     loss: by_kind(scalar=LossSpec, typed=LossSpec, object=dict[str, LossSpec]) = Field(  # type: ignore[valid-type]
         description="A loss name, {type, ...}, or per output {output: loss}."
     )
@@ -440,7 +450,8 @@ class TrainingSpec(Strict):
 
 class CheckpointSpec(Strict):
     monitor: str | None = Field(
-        default=None, description="Metric to rank epochs by; default val_loss (loss without validation)."
+        default=None,
+        description="Metric to rank epochs by; default val_loss (loss without validation).",
     )
     mode: Literal["min", "max"] | None = Field(
         default=None, description="default: max for accuracy metrics, else min"
@@ -511,11 +522,19 @@ def parse_spec(document: str | bytes | dict[str, Any]) -> JobSpec:
         try:
             document = json.loads(document)
         except json.JSONDecodeError as exc:
-            raise SpecError([SpecIssue("", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+            raise SpecError(
+                [
+                    SpecIssue(
+                        "", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+                    )
+                ]
+            ) from None
         except RecursionError:
             raise SpecError([SpecIssue("", "JSON nested too deeply")]) from None
     if not isinstance(document, dict):
-        raise SpecError([SpecIssue("", f"a job spec is a JSON object, found {type(document).__name__}")])
+        raise SpecError(
+            [SpecIssue("", f"a job spec is a JSON object, found {type(document).__name__}")]
+        )
     try:
         return JobSpec.model_validate(document)
     except ValidationError as exc:

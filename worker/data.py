@@ -1,0 +1,951 @@
+"""Dataset files -> arrays -> batches.
+
+Formats: NPZ (named arrays), NPY (one array named "array", or one field per name
+of a structured dtype), CSV and Parquet (one field per column; a Parquet
+fixed-size list column is a field of shape (k,)). Nothing here unpickles: object
+arrays are refused, so a dataset file can never run code.
+
+Every problem with a file is a `DataError` of one line naming the file, the field
+and what is wrong; a spec naming a field the file lacks is a `SpecError` with the
+JSON path. Errors from numpy, zipfile and pyarrow never escape raw.
+
+The data order of an epoch is a pure function of (seed, epoch), so a resumed run
+sees the same batches with no saved sampler state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from worker.errors import DataError, SpecError, SpecIssue, closest
+from worker.fields import FieldInfo
+from worker.spec import DataSpec
+
+DEFAULT_MAX_BYTES = 8 * 2**30
+FORMATS = {".npz": "npz", ".npy": "npy", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+FORMAT_NAMES = {"npz": "NPZ", "npy": "NPY", "csv": "CSV", "parquet": "Parquet"}
+PICKLE_REFUSED = "holds Python objects (pickle), which torchyard refuses"
+
+# dtype name of a CSV/Parquet text column; anything that is not numeric is refused as a field.
+TEXT = "str"
+
+
+# ------------------------------------------------------------ describing
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the service stores for an upload: format, row count, each field's shape and dtype.
+
+    `rows` is None when the fields disagree (an NPZ holding both train and test arrays).
+    """
+
+    format: str
+    rows: int | None
+    fields: dict[str, FieldInfo]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "rows": self.rows,
+            "fields": {
+                name: {"shape": list(f.shape), "dtype": f.dtype, "num_classes": f.num_classes}
+                for name, f in self.fields.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> DatasetInfo:
+        fields = {
+            name: FieldInfo(tuple(f["shape"]), f["dtype"], f.get("num_classes"))
+            for name, f in doc["fields"].items()
+        }
+        return cls(doc["format"], doc["rows"], fields)
+
+
+def describe(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> DatasetInfo:
+    """Every field of a dataset file with its per-sample shape, dtype and class count."""
+    path = Path(path)
+    fmt = file_format(path)
+    with _file_errors(path, fmt), _open(path, fmt, max_bytes) as source:
+        fields = {name: _field_info(source, name, with_classes=True) for name in source.names()}
+        rows = source.rows()
+    if not fields:
+        raise DataError(f"{path.name}: holds no arrays or columns")
+    if rows == 0:
+        raise DataError(f"{path.name}: has no rows")
+    return DatasetInfo(fmt, rows, fields)
+
+
+def read_fields(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, FieldInfo]:
+    return describe(path, max_bytes=max_bytes).fields
+
+
+def file_format(path: Path) -> str:
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{Path(path).name}: unsupported file type; expected one of {', '.join(FORMATS)}"
+        )
+    return fmt
+
+
+def _field_info(source: _Source, name: str, *, with_classes: bool) -> FieldInfo:
+    shape, dtype = source.layout(name)
+    classes = None
+    if with_classes and dtype.startswith(("int", "uint")):
+        # A bad column the spec may never use must not fail the description; its
+        # problem is reported when a spec loads it.
+        with contextlib.suppress(DataError):
+            classes = _num_classes(source.read(name))
+    return FieldInfo(shape, dtype, classes)
+
+
+def _num_classes(values: np.ndarray) -> int | None:
+    if values.size == 0 or values.min() < 0:
+        return None
+    return int(values.max()) + 1
+
+
+# ------------------------------------------------------------- resolving
+
+
+def resolve_fields(
+    data: DataSpec, fields: dict[str, FieldInfo]
+) -> tuple[dict[str, FieldInfo], dict[str, FieldInfo]]:
+    """Model input and output names -> the FieldInfo the dataset gives each.
+
+    A list of k columns is one field of shape (k,). Every problem is reported
+    together in one SpecError, each with its JSON path.
+    """
+    issues: list[SpecIssue] = []
+    inputs = _resolve_group("data.inputs", data.input_fields(), data.single_input, fields, issues)
+    targets = _resolve_group(
+        "data.targets", data.target_fields(), data.single_output, fields, issues
+    )
+    if issues:
+        raise SpecError(issues)
+    return inputs, targets
+
+
+def _resolve_group(
+    root: str,
+    named: dict[str, str | list[str]],
+    single: bool,
+    fields: dict[str, FieldInfo],
+    issues: list[SpecIssue],
+) -> dict[str, FieldInfo]:
+    out: dict[str, FieldInfo] = {}
+    for model_name, ref in named.items():
+        base = root if single else f"{root}.{model_name}"
+        info = _resolve_ref(base, ref, fields, issues)
+        if info is not None:
+            out[model_name] = info
+    return out
+
+
+def _resolve_ref(
+    path: str, ref: str | list[str], fields: dict[str, FieldInfo], issues: list[SpecIssue]
+) -> FieldInfo | None:
+    if isinstance(ref, str):
+        problem = _field_problem(ref, fields)
+        if problem:
+            issues.append(SpecIssue(path, problem))
+            return None
+        return fields[ref]
+    columns: list[FieldInfo] = []
+    for i, name in enumerate(ref):
+        problem = _field_problem(name, fields)
+        if not problem and fields[name].shape != ():
+            problem = (
+                f"field '{name}' has shape {fields[name].shape} per row; "
+                "a list of columns takes one number per row from each"
+            )
+        if problem:
+            issues.append(SpecIssue(f"{path}[{i}]", problem))
+        else:
+            columns.append(fields[name])
+    return _stacked_info(columns) if len(columns) == len(ref) else None
+
+
+def _field_problem(name: str, fields: dict[str, FieldInfo]) -> str | None:
+    info = fields.get(name)
+    if info is None:
+        return _no_field(name, list(fields))
+    if not is_numeric(info.dtype):
+        found = "text" if info.dtype == TEXT else f"{info.dtype} values"
+        return f"field '{name}' holds {found}, not numbers"
+    return None
+
+
+def _no_field(name: str, available: list[str]) -> str:
+    near = closest(name, available)
+    hint = f"closest: {', '.join(near)}; " if near else ""
+    shown = ", ".join(available[:20])
+    if len(available) > 20:
+        shown += f", ... ({len(available) - 20} more)"
+    return f"dataset has no field '{name}' ({hint}fields: {shown or 'none'})"
+
+
+def _stacked_info(columns: list[FieldInfo]) -> FieldInfo:
+    dtypes = [np.dtype(c.dtype) for c in columns]
+    if any(d.kind == "f" for d in dtypes):
+        return FieldInfo((len(columns),), "float32")
+    dtype = np.result_type(*dtypes)
+    known = [c.num_classes for c in columns if c.num_classes is not None]
+    classes = max(known) if dtype.kind in "iu" and len(known) == len(columns) else None
+    return FieldInfo((len(columns),), dtype.name, classes)
+
+
+def is_numeric(dtype: str) -> bool:
+    """Booleans, integers and floats; not text, dates, objects or records."""
+    try:
+        return np.dtype(dtype).kind in "biuf"
+    except TypeError:
+        return False
+
+
+# --------------------------------------------------------------- loading
+
+
+@dataclass
+class ArrayData:
+    """One split held as numpy arrays, one row per sample, already in their final dtypes."""
+
+    inputs: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def subset(self, index: np.ndarray) -> ArrayData:
+        return ArrayData(
+            {k: v[index] for k, v in self.inputs.items()},
+            {k: v[index] for k, v in self.targets.items()},
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.inputs.values(), *self.targets.values()))
+
+
+def load_arrays(
+    path: Path,
+    data: DataSpec,
+    *,
+    input_dtypes: dict[str, str] | None = None,
+    target_dtypes: dict[str, str] | None = None,
+    target_shapes: dict[str, tuple[int, ...]] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> ArrayData:
+    """Load the fields the spec names: stack column lists, cast, reshape targets, check values.
+
+    Default dtypes: inputs float32; targets float32 from floats, int64 from ints and bools.
+    """
+    path = Path(path)
+    fmt = file_format(path)
+    raw = _read_named_fields(path, fmt, data, max_bytes)
+    resolve_fields(data, {name: _array_info(a) for name, a in raw.items()})
+    _check_rows(path, raw)
+    for name, values in raw.items():
+        _check_finite(path, fmt, name, values)
+
+    input_dtypes = input_dtypes or {}
+    target_dtypes = target_dtypes or {}
+    target_shapes = target_shapes or {}
+    inputs = {
+        name: _assemble(path, fmt, raw, ref, input_dtypes.get(name, "float32"))
+        for name, ref in data.input_fields().items()
+    }
+    targets = {}
+    for name, ref in data.target_fields().items():
+        dtype = target_dtypes.get(name) or _default_target_dtype(raw, ref)
+        values = _assemble(path, fmt, raw, ref, dtype)
+        if name in target_shapes:
+            values = _reshape_target(path, name, values, tuple(target_shapes[name]))
+        targets[name] = values
+    return ArrayData(inputs, targets)
+
+
+def _read_named_fields(
+    path: Path, fmt: str, data: DataSpec, max_bytes: int
+) -> dict[str, np.ndarray]:
+    needed = list(dict.fromkeys(_field_names(data)))
+    with _file_errors(path, fmt), _open(path, fmt, max_bytes) as source:
+        if source.rows() == 0:
+            raise DataError(f"{path.name}: has no rows")
+        available = set(source.names())
+        if any(name not in available for name in needed):
+            # Raises: reports every missing field with its JSON path.
+            resolve_fields(
+                data, {n: _field_info(source, n, with_classes=False) for n in source.names()}
+            )
+        raw = {name: source.read(name) for name in needed}
+    if any(len(a) == 0 for a in raw.values()):
+        raise DataError(f"{path.name}: has no rows")
+    return raw
+
+
+def _field_names(data: DataSpec) -> Iterator[str]:
+    for ref in (*data.input_fields().values(), *data.target_fields().values()):
+        yield from ([ref] if isinstance(ref, str) else ref)
+
+
+def _array_info(values: np.ndarray) -> FieldInfo:
+    return FieldInfo(tuple(values.shape[1:]), values.dtype.name)
+
+
+def _check_rows(path: Path, raw: dict[str, np.ndarray]) -> None:
+    counts = {name: len(a) for name, a in raw.items()}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{name} {n}" for name, n in counts.items())
+        raise DataError(f"{path.name}: fields have different numbers of rows: {shown}")
+
+
+def _check_finite(path: Path, fmt: str, name: str, values: np.ndarray) -> None:
+    if values.dtype.kind != "f":
+        return
+    row = _first_nonfinite_row(values)
+    if row is not None:
+        raise DataError(f"{path.name}: field '{name}' has NaN/Inf at {_row(fmt, row)}")
+
+
+def _first_nonfinite_row(values: np.ndarray) -> int | None:
+    rows = values.reshape(len(values), -1)
+    # Checked in chunks so a large field does not need a boolean copy of itself.
+    step = max(1, 2**24 // max(1, rows.shape[1]))
+    for start in range(0, len(rows), step):
+        bad = ~np.isfinite(rows[start : start + step]).all(axis=1)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
+def _row(fmt: str, row: int) -> str:
+    # CSV line numbers count the header line and start at 1.
+    return f"row {row} (line {row + 2})" if fmt == "csv" else f"row {row}"
+
+
+def _default_target_dtype(raw: dict[str, np.ndarray], ref: str | list[str]) -> str:
+    names = [ref] if isinstance(ref, str) else ref
+    return "float32" if any(raw[n].dtype.kind == "f" for n in names) else "int64"
+
+
+def _assemble(
+    path: Path, fmt: str, raw: dict[str, np.ndarray], ref: str | list[str], dtype: str
+) -> np.ndarray:
+    names = [ref] if isinstance(ref, str) else ref
+    target = np.dtype(dtype)
+    for name in names:
+        _check_cast(path, fmt, name, raw[name], target)
+    if isinstance(ref, str):
+        values = raw[ref].astype(target, copy=False)
+    else:
+        values = np.stack([raw[n].astype(target, copy=False) for n in names], axis=1)
+    # torch.from_numpy needs writable, native-order, contiguous memory.
+    return np.require(values, requirements=["C", "W"])
+
+
+def _check_cast(path: Path, fmt: str, name: str, values: np.ndarray, target: np.dtype) -> None:
+    """Refuse a cast that would change values: 1.5 read as a class index, 1e300 as float32."""
+    if values.dtype.kind != "f":
+        return
+    rows = values.reshape(len(values), -1)
+    if target.kind in "iub":
+        bad = (rows != np.round(rows)).any(axis=1)
+        if bad.any():
+            raise DataError(
+                f"{path.name}: field '{name}' holds a non-integer value at "
+                f"{_row(fmt, int(np.argmax(bad)))}, but is read as {target.name}"
+            )
+    elif target.kind == "f" and target.itemsize < values.dtype.itemsize:
+        largest = float(np.finfo(target).max)
+        # Two reductions first: the common case (everything fits) allocates nothing.
+        if rows.max() > largest or rows.min() < -largest:
+            bad = (np.abs(rows) > largest).any(axis=1)
+            raise DataError(
+                f"{path.name}: field '{name}' has a value too large for {target.name} "
+                f"at {_row(fmt, int(np.argmax(bad)))}"
+            )
+
+
+def _reshape_target(
+    path: Path, name: str, values: np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    if math.prod(values.shape[1:]) != math.prod(shape):
+        raise DataError(
+            f"{path.name}: target '{name}' has shape {tuple(values.shape[1:])} per row; "
+            f"the loss needs {shape}"
+        )
+    return values.reshape(len(values), *shape)
+
+
+def split_validation(train: ArrayData, fraction: float, seed: int) -> tuple[ArrayData, ArrayData]:
+    """A seeded random split: the last ceil(fraction * N) rows of a permutation validate."""
+    n = len(train)
+    n_val = math.ceil(fraction * n)
+    if n_val < 1 or n - n_val < 1:
+        raise DataError(
+            f"data.validation split {fraction} of {n} rows leaves {n - n_val} for training "
+            f"and {n_val} for validation; both need at least one"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    # Sorted so each side keeps the file's order; the training side is shuffled per epoch anyway.
+    return train.subset(np.sort(order[: n - n_val])), train.subset(np.sort(order[n - n_val :]))
+
+
+# --------------------------------------------------------------- sources
+
+
+class _Source(Protocol):
+    def names(self) -> list[str]: ...
+    def rows(self) -> int | None: ...
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]: ...
+    def read(self, name: str) -> np.ndarray: ...
+
+
+@contextlib.contextmanager
+def _open(path: Path, fmt: str, max_bytes: int) -> Iterator[_Source]:
+    if not path.is_file():
+        raise DataError(f"{path.name}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path.name}: file is empty")
+    if fmt == "npz":
+        with zipfile.ZipFile(path) as archive:
+            yield _NpzSource(path, archive, max_bytes)
+    elif fmt == "npy":
+        yield _NpySource(path, max_bytes)
+    elif fmt == "csv":
+        yield _TableSource(path, _read_csv(path, max_bytes), "csv")
+    else:
+        with pq.ParquetFile(path) as file:
+            yield _ParquetSource(path, file, max_bytes)
+
+
+@contextlib.contextmanager
+def _file_errors(path: Path, fmt: str) -> Iterator[None]:
+    """Turn the readers' own exceptions into one line naming the file."""
+    try:
+        yield
+    except (DataError, SpecError):
+        raise
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        ValueError,
+        OSError,
+        NotImplementedError,
+        RuntimeError,  # zipfile: "File is encrypted, password required"
+        struct.error,
+        pa.ArrowException,
+    ) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path.name}: not a valid {FORMAT_NAMES[fmt]} file ({detail})") from None
+
+
+def _too_big(path: Path, size: int, max_bytes: int, what: str) -> DataError:
+    return DataError(f"{path.name}: {what} {size:,} bytes, over the limit of {max_bytes:,} bytes")
+
+
+# ------------------------------------------------------------ NPY / NPZ
+
+
+@dataclass
+class _Header:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    member: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _read_header(path: Path, fp: Any) -> _Header:
+    """The .npy header alone: shape and dtype, without reading (or unpickling) the data."""
+    major, _minor = np.lib.format.read_magic(fp)
+    if major not in (1, 2, 3):
+        raise ValueError(f"unknown .npy format version {major}")
+    # Version 3 has the layout of version 2 (it only allows UTF-8 field names).
+    read = (
+        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    )
+    shape, _fortran, dtype = read(fp)
+    if dtype.hasobject:
+        raise DataError(f"{path.name}: {PICKLE_REFUSED}")
+    return _Header(tuple(shape), dtype)
+
+
+class _NpzSource:
+    """Reads members one by one; sizes are checked from the zip index and headers first."""
+
+    def __init__(self, path: Path, archive: zipfile.ZipFile, max_bytes: int):
+        self.path = path
+        self.archive = archive
+        infos = archive.infolist()
+        declared = sum(info.file_size for info in infos)
+        if declared > max_bytes:
+            raise _too_big(path, declared, max_bytes, "members unpack to")
+        self.headers: dict[str, _Header] = {}
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as fp:
+                header = _read_header(path, fp)
+            if header.shape:  # a 0-d array has no rows: metadata, not a field
+                header.member = info.filename
+                self.headers[info.filename.removesuffix(".npy")] = header
+        claimed = sum(h.nbytes for h in self.headers.values())
+        if claimed > max_bytes:
+            raise _too_big(path, claimed, max_bytes, "arrays hold")
+
+    def names(self) -> list[str]:
+        return list(self.headers)
+
+    def rows(self) -> int | None:
+        counts = {h.shape[0] for h in self.headers.values()}
+        return counts.pop() if len(counts) == 1 else None
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        header = self.headers[name]
+        return header.shape[1:], header.dtype.name
+
+    def read(self, name: str) -> np.ndarray:
+        header = self.headers[name]
+        with self.archive.open(header.member) as fp:
+            values = np.lib.format.read_array(fp, allow_pickle=False)
+        if values.shape != header.shape:
+            raise ValueError(f"member {header.member} does not match its header")
+        return values
+
+
+class _NpySource:
+    """A plain array is the field "array"; a structured array gives one field per name."""
+
+    def __init__(self, path: Path, max_bytes: int):
+        self.path = path
+        with path.open("rb") as fp:
+            self.header = _read_header(path, fp)
+            data_start = fp.tell()
+        if not self.header.shape:
+            raise DataError(f"{path.name}: holds a single value (0-d array), not rows")
+        if self.header.nbytes > max_bytes:
+            raise _too_big(path, self.header.nbytes, max_bytes, "array holds")
+        if path.stat().st_size < data_start + self.header.nbytes:
+            raise ValueError("file is truncated")
+        self._values: np.ndarray | None = None
+
+    def names(self) -> list[str]:
+        return list(self.header.dtype.names or ["array"])
+
+    def rows(self) -> int | None:
+        return self.header.shape[0]
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        dtype = self.header.dtype
+        if dtype.names is None:
+            return self.header.shape[1:], dtype.name
+        member = dtype.fields[name][0]  # type: ignore[index]
+        return self.header.shape[1:] + member.shape, member.base.name
+
+    def read(self, name: str) -> np.ndarray:
+        if self._values is None:
+            self._values = np.load(self.path, allow_pickle=False)
+        if self.header.dtype.names is None:
+            return self._values
+        return self._values[name]
+
+
+# ------------------------------------------------------- CSV / Parquet
+
+
+def _read_csv(path: Path, max_bytes: int) -> pa.Table:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise _too_big(path, size, max_bytes, "file is")
+    try:
+        table = pa_csv.read_csv(path)
+    except pa.ArrowInvalid as exc:
+        ragged = _ragged_line(path)
+        if ragged:
+            raise DataError(f"{path.name}: {ragged}") from None
+        if "Empty CSV" in str(exc):
+            raise DataError(f"{path.name}: file is empty") from None
+        raise
+    # "age, height" is a common header; spaces after commas are not part of the names.
+    names = [name.strip() for name in table.column_names]
+    for name in names:
+        if names.count(name) > 1:
+            raise DataError(f"{path.name}: column '{name}' appears more than once in the header")
+    return table.rename_columns(names)
+
+
+def _ragged_line(path: Path) -> str | None:
+    """pyarrow names a ragged row but not its line; find it by reading the file again."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as fp:
+        reader = csv.reader(fp)
+        header = next(reader, [])
+        for row in reader:
+            if row and len(row) != len(header):
+                return (
+                    f"line {reader.line_num} has {len(row)} values; "
+                    f"the header has {len(header)} columns"
+                )
+    return None
+
+
+class _TableSource:
+    def __init__(self, path: Path, table: pa.Table, fmt: str):
+        self.path = path
+        self.table = table
+        self.fmt = fmt
+
+    def names(self) -> list[str]:
+        return list(self.table.column_names)
+
+    def rows(self) -> int | None:
+        return self.table.num_rows
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        return _arrow_layout(self.table.schema.field(name).type)
+
+    def read(self, name: str) -> np.ndarray:
+        return _column_values(self.path, self.fmt, name, self.table.column(name))
+
+
+class _ParquetSource:
+    """Reads the schema first and each column only when asked for."""
+
+    def __init__(self, path: Path, file: pq.ParquetFile, max_bytes: int):
+        self.path = path
+        self.fmt = "parquet"
+        self.file = file
+        meta = self.file.metadata
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if size > max_bytes:
+            raise _too_big(path, size, max_bytes, "columns unpack to")
+        self.schema = self.file.schema_arrow
+
+    def names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def rows(self) -> int | None:
+        return self.file.metadata.num_rows
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        return _arrow_layout(self.schema.field(name).type)
+
+    def read(self, name: str) -> np.ndarray:
+        column = self.file.read(columns=[name]).column(0)
+        return _column_values(self.path, self.fmt, name, column)
+
+
+def _arrow_layout(dtype: pa.DataType) -> tuple[tuple[int, ...], str]:
+    """Per-row shape and numpy dtype name; fixed-size lists nest into a shape."""
+    shape: list[int] = []
+    base = dtype
+    while pa.types.is_fixed_size_list(base):
+        shape.append(base.list_size)
+        base = base.value_type
+    if _arrow_numeric(base):
+        return tuple(shape), np.dtype(base.to_pandas_dtype()).name
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return (), TEXT
+    return (), str(dtype)
+
+
+def _arrow_numeric(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+
+
+def _column_values(path: Path, fmt: str, name: str, column: pa.ChunkedArray) -> np.ndarray:
+    shape, dtype = _arrow_layout(column.type)
+    if not is_numeric(dtype):
+        raise DataError(f"{path.name}: column '{name}' {_not_numbers(fmt, column)}")
+    values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    _check_no_nulls(path, fmt, name, values)
+    for _ in shape:
+        values = values.flatten()
+        _check_no_nulls(path, fmt, name, values, inner=True)
+    return values.to_numpy(zero_copy_only=False).reshape(len(column), *shape)
+
+
+def _check_no_nulls(
+    path: Path, fmt: str, name: str, values: pa.Array, *, inner: bool = False
+) -> None:
+    if values.null_count == 0:
+        return
+    if inner:
+        raise DataError(f"{path.name}: column '{name}' has an empty value inside a list")
+    row = int(values.is_null().to_numpy(zero_copy_only=False).argmax())
+    # pyarrow reads "", NA and NaN in a CSV as missing; all are missing values to us.
+    raise DataError(
+        f"{path.name}: column '{name}' has a missing value (empty, NA or NaN) at {_row(fmt, row)}"
+    )
+
+
+def _not_numbers(fmt: str, column: pa.ChunkedArray) -> str:
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return f"has type {column.type}, not numbers"
+    for row, value in enumerate(column.to_pylist()):
+        if value is not None and not _is_number(value):
+            return f"holds text where numbers belong: {value!r} at {_row(fmt, row)}"
+    return "holds text where numbers belong"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------- batches
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
+    """The shuffled row order of one epoch: a pure function of (seed, epoch), on the CPU."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_rows, generator=generator)
+
+
+class Batches(Protocol):
+    num_samples: int  # rows seen per epoch (drop_last leaves some out)
+
+    def __len__(self) -> int: ...  # batches per epoch
+
+    def epoch(self, epoch: int) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]: ...
+
+
+@dataclass
+class _Plan:
+    """Which rows each batch of an epoch takes; shared so both kinds batch identically."""
+
+    num_rows: int
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+    num_samples: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        full = self.num_rows - self.num_rows % self.batch_size
+        self.num_samples = full if self.drop_last else self.num_rows
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def bounds(self) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.num_samples, self.batch_size):
+            yield start, min(start + self.batch_size, self.num_samples)
+
+
+class InMemoryBatches:
+    """The whole split as tensors on the device; each batch is one index_select (or slice)."""
+
+    def __init__(
+        self,
+        data: ArrayData,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        device: torch.device,
+        seed: int,
+    ):
+        self.device = torch.device(device)
+        self.plan = _Plan(len(data), batch_size, shuffle, drop_last, seed)
+        self.num_samples = self.plan.num_samples
+        self.inputs = {k: torch.from_numpy(v).to(self.device) for k, v in data.inputs.items()}
+        self.targets = {k: torch.from_numpy(v).to(self.device) for k, v in data.targets.items()}
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        plan = self.plan
+        order = None
+        if plan.shuffle:
+            order = epoch_order(plan.num_rows, plan.seed, epoch).to(self.device, non_blocking=True)
+        for start, stop in plan.bounds():
+            if order is None:
+                yield _take_slice(self.inputs, start, stop), _take_slice(self.targets, start, stop)
+            else:
+                index = order[start:stop]
+                yield _take_index(self.inputs, index), _take_index(self.targets, index)
+
+
+def _take_slice(tensors: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
+    return {k: t[start:stop] for k, t in tensors.items()}
+
+
+def _take_index(tensors: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    return {k: t.index_select(0, index) for k, t in tensors.items()}
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields one batch's rows at a time; `epoch` is set before each pass over the loader.
+
+    The sampler runs in the main process even with persistent workers, so setting
+    the epoch here changes what the workers are asked for.
+    """
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[slice | np.ndarray]:
+        plan = self.plan
+        order = epoch_order(plan.num_rows, plan.seed, self.epoch).numpy() if plan.shuffle else None
+        for start, stop in plan.bounds():
+            yield slice(start, stop) if order is None else order[start:stop]
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Indexed by a whole batch's rows, so there is no per-sample Python and no collate."""
+
+    def __init__(self, data: ArrayData):
+        self.num_rows = len(data)
+        self.inputs = {k: torch.from_numpy(v) for k, v in data.inputs.items()}
+        self.targets = {k: torch.from_numpy(v) for k, v in data.targets.items()}
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, rows: slice | np.ndarray) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if isinstance(rows, slice):
+            index = torch.arange(rows.start, rows.stop)
+        else:
+            index = torch.from_numpy(rows)
+        if torch.utils.data.get_worker_info() is None:
+            return _take_index(self.inputs, index), _take_index(self.targets, index)
+        return _gather_shared(self.inputs, index), _gather_shared(self.targets, index)
+
+
+def _gather_shared(tensors: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    """Gather straight into shared memory, so the batch leaves a worker without another copy.
+
+    default_collate does the same; a plain tensor would be copied into shared memory
+    when it is put on the worker's queue.
+    """
+    out = {}
+    for k, t in tensors.items():
+        batch = torch.empty((len(index), *t.shape[1:]), dtype=t.dtype).share_memory_()
+        out[k] = torch.index_select(t, 0, index, out=batch)
+    return out
+
+
+class StreamingBatches:
+    """A DataLoader over the arrays: batches are gathered by workers and copied to the device."""
+
+    def __init__(
+        self,
+        data: ArrayData,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        device: torch.device,
+        seed: int,
+        num_workers: int = 0,
+    ):
+        self.device = torch.device(device)
+        self.plan = _Plan(len(data), batch_size, shuffle, drop_last, seed)
+        self.num_samples = self.plan.num_samples
+        self.sampler = _EpochSampler(self.plan)
+        self.pinned = self.device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            _BatchDataset(data),
+            sampler=self.sampler,
+            batch_size=None,  # the sampler hands out whole batches
+            num_workers=num_workers,
+            pin_memory=self.pinned,
+            persistent_workers=num_workers > 0,
+            # Its own generator: the loader draws a worker seed per pass, which would
+            # otherwise advance the global RNG and change dropout versus in-memory batches.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        self.sampler.epoch = epoch
+        for inputs, targets in self.loader:
+            yield self._to_device(inputs), self._to_device(targets)
+
+    def _to_device(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: t.to(self.device, non_blocking=self.pinned) for k, t in tensors.items()}
+
+
+def make_batches(
+    data: ArrayData,
+    spec: DataSpec,
+    *,
+    device: torch.device,
+    seed: int,
+    train: bool,
+    memory_budget_bytes: int | None = None,
+) -> Batches:
+    """Batches for one split. Validation (train=False) never shuffles and never drops rows."""
+    device = torch.device(device)
+    options: dict[str, Any] = {
+        "batch_size": spec.batch_size,
+        "shuffle": train and spec.shuffle,
+        "drop_last": train and spec.drop_last,
+        "device": device,
+        "seed": seed,
+    }
+    if hold_in_memory(spec.in_memory, data.nbytes, device, memory_budget_bytes):
+        return InMemoryBatches(data, **options)
+    return StreamingBatches(data, num_workers=spec.num_workers, **options)
+
+
+def hold_in_memory(
+    policy: str, nbytes: int, device: torch.device, budget: int | None = None
+) -> bool:
+    if policy != "auto":
+        return policy == "always"
+    return nbytes <= (budget if budget is not None else default_memory_budget(device))
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A quarter of the free GPU memory (cuda) or of the available RAM."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 4
+    return _available_ram() // 4
+
+
+def _available_ram() -> int:
+    # MemAvailable counts reclaimable page cache; sysconf's free pages do not.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30

@@ -1,0 +1,231 @@
+"""Reports from a training child process to the API, through the worker parent.
+
+The child never talks HTTP: its `QueueReporter` puts reports on a queue and
+snapshots checkpoint files. The parent's `Uploader` sends them in order,
+batching metrics, heartbeating, and, while the API is unreachable, buffering
+(bounded in memory, spilling to disk) so training never waits on the network
+and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import shutil
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from worker.callbacks import Callback, CheckpointInfo, MetricPoint
+from worker.client import ApiUnavailable, StaleAttempt, WorkerClient
+
+log = logging.getLogger("torchyard.worker")
+
+METRICS_BATCH = 5_000
+
+
+class QueueReporter:
+    """The child's side: a Reporter that only enqueues (never blocks on the network)."""
+
+    def __init__(self, outbox: Any, cancel: Any, run_dir: Path):
+        self.outbox = outbox
+        self.cancel = cancel
+        self.snapshots = run_dir / "outbox"
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        self._counter = itertools.count()
+
+    def log_metrics(self, points: list[MetricPoint]) -> None:
+        self.outbox.put(("metrics", [asdict(p) for p in points]))
+
+    def log_checkpoint(self, info: CheckpointInfo) -> None:
+        # best.safetensors is replaced by the next best before the parent may have
+        # sent it: snapshot this version (a hard link survives os.replace).
+        snapshot = (
+            self.snapshots / f"{next(self._counter):06d}-{info.kind}-{info.epoch}{info.path.suffix}"
+        )
+        try:
+            os.link(info.path, snapshot)
+        except OSError:
+            shutil.copyfile(info.path, snapshot)
+        meta = {
+            "kind": info.kind,
+            "epoch": info.epoch,
+            "step": info.step,
+            "monitor": info.monitor,
+            "value": info.value,
+        }
+        self.outbox.put(("checkpoint", {**meta, "path": str(snapshot)}))
+
+    def log_line(self, text: str) -> None:
+        self.outbox.put(("log", [text]))
+
+    def cancel_requested(self) -> bool:
+        return self.cancel.is_set()
+
+
+class ProgressToQueue(Callback):
+    """Sends progress (for heartbeats and ETA) and a log line per epoch."""
+
+    name = "progress_to_queue"
+
+    def __init__(self, outbox: Any):
+        self.outbox = outbox
+
+    def _progress(self, trainer: Any) -> None:
+        self.outbox.put(
+            (
+                "progress",
+                {
+                    "epoch": trainer.epoch,
+                    "epochs": trainer.spec.training.epochs,
+                    "step": trainer.step,
+                    "steps_per_epoch": trainer.steps_per_epoch,
+                },
+            )
+        )
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._progress(trainer)
+
+    def on_log(self, trainer: Any, points: list[MetricPoint]) -> None:
+        self._progress(trainer)
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+        self._progress(trainer)
+        shown = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items())
+        self.outbox.put(("log", [f"epoch {epoch + 1}/{trainer.spec.training.epochs}: {shown}"]))
+
+
+class Uploader:
+    """The parent's side: delivers the child's reports in order, whatever the API does."""
+
+    def __init__(
+        self,
+        client: WorkerClient,
+        job_id: str,
+        inbox: Any,
+        cancel: Any,
+        *,
+        spill_dir: Path,
+        lease_s: float,
+        buffer_points: int = 100_000,
+    ):
+        self.client = client
+        self.job_id = job_id
+        self.inbox = inbox
+        self.cancel = cancel
+        self.spill_dir = spill_dir
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_every = max(0.5, lease_s / 3)
+        self.buffer_points = buffer_points
+        self.pending: deque[tuple[str, Any]] = deque()
+        self.points_in_memory = 0
+        self.progress: dict[str, Any] = {}
+        self.result: dict[str, Any] | None = None
+        self.stale = False
+        self._last_contact = 0.0
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self._spills = itertools.count()
+
+    # ----------------------------------------------------------- intake
+
+    def drain(self, timeout: float = 0.0) -> None:
+        """Move everything the child sent into the ordered pending list."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                kind, body = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            except (EOFError, OSError):
+                return
+            self._accept(kind, body)
+            timeout = 0.0
+            deadline = time.monotonic()
+
+    def _accept(self, kind: str, body: Any) -> None:
+        if kind == "progress":
+            self.progress = body
+        elif kind == "result":
+            self.result = body
+        elif kind == "metrics":
+            if (
+                self.pending
+                and self.pending[-1][0] == "metrics"
+                and len(self.pending[-1][1]) < METRICS_BATCH
+            ):
+                self.pending[-1][1].extend(body)
+            else:
+                self.pending.append(("metrics", list(body)))
+            self.points_in_memory += len(body)
+            if self.points_in_memory > self.buffer_points:
+                self._spill()
+        else:
+            self.pending.append((kind, body))
+
+    def _spill(self) -> None:
+        """Move buffered metric batches to disk, keeping their place in the order."""
+        for index, (kind, body) in enumerate(self.pending):
+            if kind == "metrics":
+                path = self.spill_dir / f"{next(self._spills):08d}.json"
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(body))
+                os.replace(tmp, path)
+                self.pending[index] = ("spilled", str(path))
+                self.points_in_memory -= len(body)
+
+    # ---------------------------------------------------------- delivery
+
+    def pump(self) -> None:
+        """Send what is pending (in order) and heartbeat; never raises for a down API."""
+        now = time.monotonic()
+        if self.stale or now < self._retry_at:
+            return
+        try:
+            while self.pending:
+                kind, body = self.pending[0]
+                self._send(kind, body)
+                self.pending.popleft()
+                if kind == "metrics":
+                    self.points_in_memory -= len(body)
+                self._last_contact = time.monotonic()
+            if time.monotonic() - self._last_contact >= self.heartbeat_every:
+                if self.client.heartbeat(self.job_id, self.progress):
+                    self.cancel.set()
+                self._last_contact = time.monotonic()
+            self._backoff = 0.5
+        except ApiUnavailable as exc:
+            log.warning("API unreachable, buffering reports: %s", exc)
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 10.0)
+        except StaleAttempt:
+            log.warning("job %s: this attempt is stale; stopping", self.job_id)
+            self.stale = True
+            self.cancel.set()
+
+    def _send(self, kind: str, body: Any) -> None:
+        if kind == "metrics":
+            if self.client.metrics(self.job_id, body):
+                self.cancel.set()
+        elif kind == "spilled":
+            path = Path(body)
+            if self.client.metrics(self.job_id, json.loads(path.read_text())):
+                self.cancel.set()
+            path.unlink(missing_ok=True)
+        elif kind == "checkpoint":
+            path = Path(body["path"])
+            if path.exists():
+                self.client.checkpoint(self.job_id, body["kind"], body["epoch"], path, body)
+                path.unlink(missing_ok=True)
+        elif kind == "log":
+            self.client.logs(self.job_id, body)
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending

@@ -1,0 +1,65 @@
+"""Worker settings: what a GPU worker needs to know, and nothing about the API's state.
+
+The same `TORCHYARD_*` names as the API's settings (docs/service.md), so one
+environment serves both in embedded mode and in docker compose.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TORCHYARD_", extra="ignore")
+
+    home: Path = Field(default=Path(".torchyard"))
+    broker_url: str = "filesystem://"
+    api_url: str = "http://127.0.0.1:8000"
+    worker_token: str = ""
+    work_dir: Path | None = Field(default=None, description="Run folders and dataset cache")
+    worker_name: str = Field(default_factory=lambda: socket.gethostname())
+    report_buffer_points: int = Field(
+        default=100_000, ge=100, description="in memory before spilling"
+    )
+    request_timeout_s: float = 30.0
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return (self.work_dir or self.home / "worker").resolve()
+
+
+def celery_config(broker_url: str, home: Path) -> dict[str, Any]:
+    """Celery settings shared by the API (sender) and workers (consumers)."""
+    config: dict[str, Any] = {
+        "broker_url": broker_url,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": "cpu",
+    }
+    if broker_url.startswith("filesystem://"):
+        folder = (home / "broker").resolve()
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    elif broker_url.startswith(("redis://", "rediss://")):
+        # Long training runs hold an unacked task: keep Redis from handing it to
+        # another worker mid-run (the claim would refuse it anyway).
+        config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
+    return config

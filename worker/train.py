@@ -1,0 +1,603 @@
+"""The training loop, its resumable state, and the run result.
+
+`run_job()` is what both `torchyard train` and the Celery worker call: spec and
+files in, a `RunResult` out, metrics and checkpoints through a `Reporter`. It
+never raises for a bad spec, bad data, NaN or OOM: those end the run `failed`
+with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.build import build_model
+from worker.callbacks import (
+    Callback,
+    CheckpointInfo,
+    EarlyStopping,
+    FileReporter,
+    MetricPoint,
+    ModelCheckpoint,
+    NullReporter,
+    ProgressTimer,
+    Reporter,
+    atomic_write_text,
+    nan_decision,
+)
+from worker.data import (
+    ArrayData,
+    Batches,
+    describe,
+    load_arrays,
+    make_batches,
+    resolve_fields,
+    split_validation,
+)
+from worker.errors import DataError, SpecError
+from worker.losses import CombinedLoss, target_dtype, target_shape
+from worker.metrics import MetricAccumulator
+from worker.optim import make_optimizer, make_scheduler
+from worker.spec import JobSpec, SplitSpec, default_mode, default_monitor
+
+Status = Literal["succeeded", "failed", "cancelled"]
+
+
+@dataclass
+class RunResult:
+    status: Status
+    epochs_run: int = 0
+    steps: int = 0
+    best_epoch: int | None = None
+    monitor: str | None = None
+    best_value: float | None = None
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    error: str | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RunFailed(Exception):
+    """Ends a run as failed; the message is the one-line reason users see."""
+
+
+# ------------------------------------------------------------------ devices
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RunFailed(f"training.device is {name!r} but no CUDA device is available")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunFailed(
+                f"training.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return device
+    return torch.device(name)
+
+
+def autocast_for(
+    precision: str, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    if precision == "32":
+        return contextlib.nullcontext
+    if precision == "16-mixed" and device.type != "cuda":
+        raise RunFailed(
+            "training.precision '16-mixed' needs a CUDA device; use 'bf16-mixed' on CPU"
+        )
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    train: ArrayData
+    val: ArrayData | None
+    inputs: dict[str, Any]
+    targets: dict[str, Any]
+
+
+def prepare(spec: JobSpec, resolve: Callable[[str], Path]) -> tuple[PreparedData, Any]:
+    """Read the dataset files, build the model on the meta device, load arrays to fit it."""
+    train_path = resolve(spec.data.train)
+    info = describe(train_path)
+    inputs, targets = resolve_fields(spec.data, info.fields)
+    built = build_model(spec, inputs, targets, device="meta")
+    losses = spec.training.losses(spec.output_names)
+    dtypes = {
+        "input_dtypes": {n: str(d).removeprefix("torch.") for n, d in built.input_dtypes.items()},
+        "target_dtypes": {
+            n: str(target_dtype(losses[n], targets[n])).removeprefix("torch.") for n in targets
+        },
+        "target_shapes": {
+            n: target_shape(losses[n], built.output_shapes[n], targets[n]) for n in targets
+        },
+    }
+    train = load_arrays(train_path, spec.data, **dtypes)
+    val: ArrayData | None = None
+    if isinstance(spec.data.validation, SplitSpec):
+        train, val = split_validation(train, spec.data.validation.split, spec.seed)
+    elif isinstance(spec.data.validation, str):
+        val_path = resolve(spec.data.validation)
+        val_inputs, val_targets = resolve_fields(spec.data, describe(val_path).fields)
+        for kind, ours, theirs in (("input", inputs, val_inputs), ("target", targets, val_targets)):
+            for name, fi in ours.items():
+                if theirs[name].shape != fi.shape:
+                    raise DataError(
+                        f"validation {kind} '{name}' has shape {theirs[name].shape} per row; "
+                        f"training data has {fi.shape}"
+                    )
+        val = load_arrays(val_path, spec.data, **dtypes)
+    return PreparedData(train, val, inputs, targets), built
+
+
+# ------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Runs one job: the loop in `_train_epoch`, validation, checkpoints, resume."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        data: PreparedData,
+        run_dir: Path,
+        *,
+        reporter: Reporter | None = None,
+        callbacks: list[Callback] | None = None,
+    ):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.reporter: Reporter = reporter or NullReporter()
+        training = spec.training
+        self.device = resolve_device(training.device)
+        self.autocast = autocast_for(training.precision, self.device)
+        if training.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+
+        self.model: nn.Module = build_model(
+            spec, data.inputs, data.targets, device=self.device
+        ).module
+        self.forward_model: Callable[..., Any] = (
+            torch.compile(self.model) if training.compile else self.model
+        )
+        self.input_names: list[str] = list(self.model.input_names)
+        self.output_names: list[str] = list(self.model.output_names)
+        self.single_output = len(self.output_names) == 1
+
+        self.train_batches: Batches = make_batches(
+            data.train, spec.data, device=self.device, seed=spec.seed, train=True
+        )
+        self.val_batches: Batches | None = (
+            make_batches(data.val, spec.data, device=self.device, seed=spec.seed, train=False)
+            if data.val is not None
+            else None
+        )
+        self.accumulate = training.accumulate_grad_batches
+        self.steps_per_epoch = math.ceil(len(self.train_batches) / self.accumulate)
+        if self.steps_per_epoch == 0:
+            raise RunFailed(
+                f"data.batch_size {spec.data.batch_size} with drop_last leaves no batch "
+                f"from {data.train.__len__()} training rows"
+            )
+
+        self.loss_fn = CombinedLoss(training.losses(self.output_names)).to(self.device)
+        self.optimizer = make_optimizer(training.optimizer, self.model.parameters())
+        self.scheduler = make_scheduler(
+            training.scheduler,
+            self.optimizer,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=training.epochs,
+            max_steps=training.max_steps,
+        )
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if training.precision == "16-mixed" else None
+        )
+        self.train_metrics = MetricAccumulator(spec, prefix="", device=self.device)
+        self.val_metrics = MetricAccumulator(spec, prefix="val_", device=self.device)
+
+        # Per-step losses of the current logging window, kept on the device and
+        # read once per window: no host sync per step, and the NaN guard can
+        # still name the exact step.
+        self._window = torch.zeros(training.log_every_n_steps * self.accumulate, device=self.device)
+        self._window_len = 0
+        self._window_first_step = 0
+        self._lr_logged_at = -1
+
+        self.callbacks = self._make_callbacks() + list(callbacks or [])
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self.batch_in_epoch = 0
+        self.stop_reason: str | None = None
+        self.stopped_early = False
+        self._stop = False
+        self.last_metrics: dict[str, float] = {}
+
+    # ---------------------------------------------------------- callbacks
+
+    def _make_callbacks(self) -> list[Callback]:
+        spec, cbs = self.spec, self.spec.callbacks
+        out: list[Callback] = [ProgressTimer(spec.training.max_time_s)]
+        if cbs.checkpoint is not None:
+            monitor = cbs.checkpoint.monitor or default_monitor(spec)
+            self.checkpoint: ModelCheckpoint | None = ModelCheckpoint(
+                self.run_dir,
+                monitor=monitor,
+                mode=cbs.checkpoint.mode or default_mode(monitor),
+                save_top_k=cbs.checkpoint.save_top_k,
+                every_n_epochs=cbs.checkpoint.every_n_epochs,
+            )
+            out.append(self.checkpoint)
+        else:
+            self.checkpoint = None
+        if cbs.early_stopping is not None:
+            es = cbs.early_stopping
+            monitor = es.monitor or default_monitor(spec)
+            out.append(
+                EarlyStopping(
+                    monitor=monitor,
+                    mode=es.mode or default_mode(monitor),
+                    patience=es.patience,
+                    min_delta=es.min_delta,
+                    start_from_epoch=es.start_from_epoch,
+                    restore_best_weights=es.restore_best_weights,
+                )
+            )
+        return out
+
+    def request_stop(self, reason: str, *, early: bool = False) -> None:
+        if not self._stop:
+            self._stop, self.stop_reason, self.stopped_early = True, reason, early
+
+    def weights_metadata(self, epoch: int) -> dict[str, str]:
+        return {
+            "epoch": str(epoch),
+            "step": str(self.step),
+            "inputs": ",".join(self.input_names),
+            "outputs": ",".join(self.output_names),
+            "spec_sha256": spec_digest(self.spec),
+        }
+
+    # --------------------------------------------------------------- loop
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.forward_model(*[inputs[name] for name in self.input_names])
+        return {self.output_names[0]: out} if self.single_output else out
+
+    def _train_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self.train_metrics.reset()
+        n_batches = len(self.train_batches)
+        for i, (inputs, targets) in enumerate(self.train_batches.epoch(epoch)):
+            with self.autocast():
+                outputs = self._forward(inputs)
+                loss, per_output = self.loss_fn(outputs, targets)
+            # Dividing by the window size makes accumulated gradients the mean
+            # over the window, as one big batch would give.
+            scaled = loss / self.accumulate if self.accumulate > 1 else loss
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+
+            end_of_window = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
+            if end_of_window:
+                if self.spec.training.grad_clip_norm is not None:
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.optimizer)  # clip true, not scaled, gradients
+                    nn.utils.clip_grad_norm_(
+                        self.model.parameters(), self.spec.training.grad_clip_norm
+                    )
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step_batch()
+                self.step += 1
+
+            batch_size = next(iter(targets.values())).shape[0]
+            self.train_metrics.update(outputs, targets, per_output, loss, batch_size)
+            self._window[self._window_len].copy_(loss.detach())
+            self._window_len += 1
+            self.batch_in_epoch = i + 1
+            for cb in self.callbacks:
+                cb.on_batch_end(self)
+
+            if end_of_window and self.step % self.spec.training.log_every_n_steps == 0:
+                self._flush_window(log=True)
+            max_steps = self.spec.training.max_steps
+            if end_of_window and max_steps is not None and self.step >= max_steps:
+                self.request_stop(f"max_steps {max_steps} reached")
+            if self._stop:
+                break
+        self._flush_window(log=False)
+
+    def _flush_window(self, *, log: bool) -> None:
+        """Read the window's losses (one sync): NaN guard, then the step metrics."""
+        n = self._window_len
+        if n == 0:
+            return
+        values = self._window[:n].tolist()
+        first_step = self._window_first_step
+        self._window_len = 0
+        self._window_first_step = self.step
+        if self.spec.callbacks.terminate_on_nan:
+            bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), -1)
+            # Steps count from 1, as in the step metrics.
+            stop, reason = nan_decision(-1 if bad < 0 else first_step + bad // self.accumulate + 1)
+            if stop:
+                raise RunFailed(f"{reason} (epoch {self.epoch})")
+        if log:
+            now = time.time()
+            points = [
+                MetricPoint("loss_step", sum(values) / n, self.step, self.epoch, now),
+                MetricPoint(
+                    "lr", float(self.optimizer.param_groups[0]["lr"]), self.step, self.epoch, now
+                ),
+            ]
+            self._lr_logged_at = self.step
+            self.reporter.log_metrics(points)
+            for cb in self.callbacks:
+                cb.on_log(self, points)
+            if self.reporter.cancel_requested():
+                self.request_stop("cancelled")
+
+    @torch.inference_mode()
+    def _validate(self, epoch: int) -> dict[str, float]:
+        if self.val_batches is None:
+            return {}
+        self.model.eval()
+        self.val_metrics.reset()
+        for inputs, targets in self.val_batches.epoch(epoch):
+            with self.autocast():
+                outputs = self._forward(inputs)
+                loss, per_output = self.loss_fn(outputs, targets)
+            batch_size = next(iter(targets.values())).shape[0]
+            self.val_metrics.update(outputs, targets, per_output, loss, batch_size)
+        return self.val_metrics.compute()
+
+    def fit(self, *, resume_from: Path | None = None) -> RunResult:
+        started = time.monotonic()
+        seed_everything(self.spec.seed)
+        if resume_from is not None:
+            self.load_state(resume_from)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        epochs = self.spec.training.epochs
+        while self.epoch < epochs and not self._stop:
+            epoch = self.epoch
+            epoch_started = time.monotonic()
+            self._train_epoch(epoch)
+            if self.stop_reason == "cancelled":
+                break
+            metrics = self.train_metrics.compute()
+            metrics.update(self._validate(epoch))
+            elapsed = time.monotonic() - epoch_started
+            metrics["epoch_time_s"] = elapsed
+            metrics["samples_per_s"] = self.train_batches.num_samples / max(elapsed, 1e-9)
+            metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+            self._check_finite_epoch(metrics)
+            self.scheduler.step_epoch(metrics)
+            self.epoch = epoch + 1
+            self.last_metrics = metrics
+            now = time.time()
+            # `lr` is a step metric: skip it when this step's value was just logged.
+            self.reporter.log_metrics(
+                [
+                    MetricPoint(name, value, self.step, epoch, now)
+                    for name, value in metrics.items()
+                    if not (name == "lr" and self._lr_logged_at == self.step)
+                ]
+            )
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, metrics)
+            self._save_last(epoch)
+            if self.reporter.cancel_requested():
+                self.request_stop("cancelled")
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return self._result(started)
+
+    def _check_finite_epoch(self, metrics: dict[str, float]) -> None:
+        if not self.spec.callbacks.terminate_on_nan:
+            return
+        for name in ("loss", "val_loss"):
+            if name in metrics and not math.isfinite(metrics[name]):
+                raise RunFailed(f"{name} became NaN or Inf in epoch {self.epoch}")
+
+    def _result(self, started: float) -> RunResult:
+        ckpt = self.checkpoint
+        status: Status = "cancelled" if self.stop_reason == "cancelled" else "succeeded"
+        return RunResult(
+            status=status,
+            epochs_run=self.epoch,
+            steps=self.step,
+            best_epoch=ckpt.state.best_epoch if ckpt else None,
+            monitor=ckpt.monitor if ckpt else None,
+            best_value=ckpt.state.best if ckpt else None,
+            stopped_early=self.stopped_early,
+            stop_reason=self.stop_reason,
+            final_metrics=self.last_metrics,
+            duration_s=time.monotonic() - started,
+        )
+
+    # ------------------------------------------------------ resumable state
+
+    def _save_last(self, epoch: int) -> None:
+        cfg = self.spec.callbacks.checkpoint
+        if cfg is None or not cfg.save_last:
+            return
+        if (epoch + 1) % cfg.every_n_epochs != 0 and self.epoch < self.spec.training.epochs:
+            return
+        path = self.run_dir / "last.pt"
+        self.save_state(path)
+        self.reporter.log_checkpoint(CheckpointInfo("last", epoch, self.step, path))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue as if never stopped."""
+        return {
+            "format": 1,
+            "spec_sha256": spec_digest(self.spec),
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "rng": rng_state(),
+            # The data order is a pure function of (seed, epoch); kept for the record.
+            "data_order": {"seed": self.spec.seed, "next_epoch": self.epoch},
+        }
+
+    def save_state(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def load_state(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise RunFailed(
+                f"cannot resume: {path.name} is not a readable training state ({exc})"
+            ) from None
+        if state.get("spec_sha256") != spec_digest(self.spec):
+            raise RunFailed(
+                "cannot resume: the spec's seed, data, model or training differ from the checkpoint's"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        for cb in self.callbacks:
+            if cb.name in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][cb.name])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self._window_first_step = self.step
+        set_rng_state(state["rng"])
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def spec_digest(spec: JobSpec) -> str:
+    """What must not change between a run and its resume (epochs may grow)."""
+    fixed = spec.model_dump(mode="json", include={"seed", "data", "model"})
+    training = spec.training.model_dump(mode="json", exclude={"epochs", "max_time_s", "device"})
+    text = json.dumps({"fixed": fixed, "training": training}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- run_job
+
+
+def run_job(
+    spec: JobSpec,
+    run_dir: Path,
+    *,
+    resolve: Callable[[str], Path] = Path,
+    reporter: Reporter | None = None,
+    callbacks: list[Callback] | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Train `spec` into `run_dir`; write `result.json`; never raise for a failed run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reporter = reporter or FileReporter(run_dir)
+    started = time.monotonic()
+    trainer: Trainer | None = None
+    try:
+        data, _ = prepare(spec, resolve)
+        trainer = Trainer(spec, data, run_dir, reporter=reporter, callbacks=callbacks)
+        last = run_dir / "last.pt"
+        resume_from = last if resume and last.exists() else None
+        if resume_from is not None and isinstance(reporter, FileReporter):
+            step = int(torch.load(last, map_location="cpu", weights_only=True)["step"])
+            reporter.truncate_after(step)
+        result = trainer.fit(resume_from=resume_from)
+    except (SpecError, DataError, RunFailed) as exc:
+        result = _failed(trainer, started, one_line(exc))
+    except torch.cuda.OutOfMemoryError:
+        where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
+        result = _failed(
+            trainer, started, f"out of GPU memory{where} (batch_size {spec.data.batch_size})"
+        )
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+        where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
+        result = _failed(trainer, started, f"training failed{where}: {one_line(exc)}")
+    atomic_write_text(run_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+def _failed(trainer: Trainer | None, started: float, reason: str) -> RunResult:
+    result = RunResult(status="failed", error=reason, duration_s=time.monotonic() - started)
+    if trainer is not None:
+        partial = trainer._result(started)
+        partial.status, partial.error = "failed", reason
+        return partial
+    return result
+
+
+def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                yield json.loads(line)
