@@ -176,6 +176,7 @@ class _Node:
     kwargs: dict[str, Any] = field(default_factory=dict)
     claimed: dict[str, Any] = field(default_factory=dict)  # inferred args the user wrote
     owner: _Node | None = None  # the node whose module this one runs
+    args_ok: bool = True  # its arguments passed check_args
 
 
 @dataclass
@@ -363,6 +364,7 @@ class _Builder:
                 node.kwargs, node.claimed, problems = check_args(node.layer, node.item.kwargs)
                 for arg, message in problems:
                     self.error(f"{node.path}.{arg}", message)
+                node.args_ok = not problems
                 self._check_input_count(node)
                 node.owner = node
             for source, path in zip(node.inputs, node.in_paths, strict=True):
@@ -504,7 +506,7 @@ class _Builder:
 
     def _infer(self, node: _Node) -> None:
         layer, owner = node.layer, node.owner
-        if layer is None or owner is None or owner.name in self.failed:
+        if layer is None or owner is None or not owner.args_ok or owner.name in self.failed:
             return
         if any(source not in self.shapes for source in node.inputs):
             return  # an upstream node failed and said so
@@ -853,6 +855,8 @@ def _torch_message(exc: BaseException) -> str:
     if match and "too small" in text:
         dims = tuple(int(d) for d in _dims(match[1]).split(", "))
         return f"a dimension goes to zero or below (output {show_shape(dims)})"
+    if "Invalid computed output size" in text:
+        return "a dimension goes to zero or below"
     first = text.splitlines()[0].strip() if text else ""
     return first.rstrip(".") or type(exc).__name__
 

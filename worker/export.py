@@ -33,7 +33,12 @@ def load_trained(spec: JobSpec, inputs: dict[str, FieldInfo], weights: Path) -> 
         state = load_file(str(weights), device="cpu")
     except Exception as exc:
         raise ExportError(f"{weights.name} is not a readable safetensors file ({exc})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: weights of another model
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ExportError(f"{weights.name} does not fit this spec's model ({detail})") from None
     if missing or unexpected:
         raise ExportError(
             f"{weights.name} does not fit this spec's model "
@@ -70,10 +75,11 @@ def export_model(
     model = built.module
     args = sample_inputs(built, inputs)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    dynamic = tuple({0: batch} for _ in args)
+    # forward(*inputs): the dynamic shapes follow the signature, one dict per input.
+    dynamic = {"inputs": tuple({0: batch} for _ in args)}
     with torch.no_grad():
         expected = _flatten(model(*args))
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # torch.export wants the .pt2 suffix
     try:
         if fmt == "pt2":
             program = torch.export.export(model, args, dynamic_shapes=dynamic)

@@ -53,9 +53,10 @@ def _option_errors(loss: LossSpec) -> list[str]:
         "label_smoothing": loss.label_smoothing != 0.0,
         "class_weights": loss.class_weights is not None,
         "pos_weight": loss.pos_weight is not None,
-        # beta/delta have defaults, so only an explicit value is a mistake elsewhere.
-        "beta": "beta" in loss.model_fields_set,
-        "delta": "delta" in loss.model_fields_set,
+        # beta/delta have defaults: only a value other than the default is a
+        # mistake elsewhere (a stored spec repeats defaults it was never given).
+        "beta": loss.beta != 1.0,
+        "delta": loss.delta != 1.0,
     }
     errors = []
     for option, owners in _OPTION_OWNERS.items():

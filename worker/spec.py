@@ -498,6 +498,14 @@ class JobSpec(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_restarts: int = Field(default=3, ge=0, le=100)
 
+    def dump(self, **kwargs: Any) -> dict[str, Any]:
+        """The spec as plain JSON data (defaults filled in).
+
+        Pydantic warns when serialising our JSON-type-discriminated unions; the
+        output is right (checked in tests), so the warnings are noise.
+        """
+        return self.model_dump(mode="json", warnings=False, **kwargs)
+
     @property
     def output_names(self) -> list[str]:
         return list(self.data.target_fields())

@@ -509,8 +509,10 @@ class Trainer:
 
 def spec_digest(spec: JobSpec) -> str:
     """What must not change between a run and its resume (epochs may grow)."""
-    fixed = spec.model_dump(mode="json", include={"seed", "data", "model"})
-    training = spec.training.model_dump(mode="json", exclude={"epochs", "max_time_s", "device"})
+    fixed = spec.dump(include={"seed", "data", "model"})
+    training = spec.dump(include={"training"})["training"]
+    for key in ("epochs", "max_time_s", "device"):
+        training.pop(key)
     text = json.dumps({"fixed": fixed, "training": training}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

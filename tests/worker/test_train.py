@@ -333,3 +333,10 @@ def test_model_that_does_not_fit_the_data_fails_with_a_reason(load_example, tmp_
     result = run_job(parse_spec(doc), tmp_path, resolve=resolve)
     assert result.status == "failed"
     assert result.error.startswith("model.layers[0]")
+
+
+def test_spec_dump_round_trips_every_union_kind(load_example):
+    for name in ("digits_cnn.json", "digits_graph.json", "tabular_mlp.json"):
+        doc, _ = load_example(name)
+        spec = parse_spec(doc)
+        assert parse_spec(spec.dump()) == spec
