@@ -16,7 +16,9 @@ TORCHYARD = [sys.executable, "-m", "app.cli"]
 
 def torchyard(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*TORCHYARD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*TORCHYARD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("name", ["digits_cnn.json", "digits_graph.json", "tabular_mlp.json"])
@@ -82,7 +84,9 @@ def test_malformed_json_is_one_clear_line(tmp_path):
 def test_schema_lists_the_spec_sections_and_layer_types():
     run = torchyard("schema")
     schema = json.loads(run.stdout)
-    assert {"data", "model", "training", "callbacks", "resources", "max_restarts"} <= set(schema["properties"])
+    assert {"data", "model", "training", "callbacks", "resources", "max_restarts"} <= set(
+        schema["properties"]
+    )
     assert "conv2d" in json.dumps(schema)
 
 
@@ -97,7 +101,15 @@ def test_train_then_export_from_the_command_line(examples_dir, tmp_path):
     assert "succeeded: 2 epochs" in run.stdout
     for name in ("metrics.jsonl", "best.safetensors", "last.pt", "result.json"):
         assert (out / name).exists()
-    exported = torchyard("export", str(path), str(out / "best.safetensors"), "--format", "pt2", "--out", str(tmp_path / "m.pt2"))
+    exported = torchyard(
+        "export",
+        str(path),
+        str(out / "best.safetensors"),
+        "--format",
+        "pt2",
+        "--out",
+        str(tmp_path / "m.pt2"),
+    )
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "m.pt2").stat().st_size > 0
     # --resume with nothing left to do keeps the result and exits 0
@@ -114,3 +126,10 @@ def test_failed_run_exits_1_with_the_reason(examples_dir, tmp_path):
     assert run.returncode == 1
     assert "data.targets" in run.stderr and "label" in run.stderr
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
+
+
+def test_docs_layers_md_is_current():
+    from worker.layers import layer_schema
+
+    text = (ROOT / "docs" / "layers.md").read_text()
+    assert layer_schema()["description"] in text, "regenerate docs/layers.md from layer_schema()"

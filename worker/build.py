@@ -1,9 +1,11 @@
 """Spec + field shapes -> GraphModel: graph checks, shape inference on the meta device, summary.
 
-Every layer is built on the meta device and run on meta tensors of shape
-(2, *shape), so torch itself says what each layer outputs and nothing is
-allocated. All problems found are raised together as one SpecError, each with
-the JSON path of the item at fault.
+Each distinct layer (type and arguments) is built once on the meta device, so
+parameters are counted and torch checks the arguments without allocating
+anything. Output shapes come from the layer's own rule where it is plain
+(linear, activations, RNNs, ...), else from running the layer on meta tensors of
+shape (2, *shape). All problems found are raised together as one SpecError, each
+with the JSON path of the item at fault.
 """
 
 from __future__ import annotations
@@ -514,8 +516,9 @@ class _Builder:
         shown = " and ".join(show_shape(s) for s in shapes)
         try:
             inferred = layer.check_input(shapes, owner.kwargs)
-        except ShapeError as exc:
-            self.error(node.path, f"{layer.name} cannot take input {shown}: {exc}")
+        except Exception as exc:  # ShapeError, or a rule tripping on an odd shape
+            reason = str(exc) if isinstance(exc, ShapeError) else _torch_message(exc)
+            self.error(node.path, f"{layer.name} cannot take input {shown}: {reason}")
             return
         for arg, written in node.claimed.items():
             if not same_value(written, inferred[arg]):
@@ -715,7 +718,7 @@ class _Builder:
     def _check_metrics(
         self, outputs: list[str], losses: dict[str, LossSpec], output_shapes: dict[str, Shape]
     ) -> None:
-        from worker.metrics import metric_fit_error
+        from worker.metrics import metric_fit_error  # lazy, as in _check_monitors
 
         metrics = self.spec.training.metrics
         if isinstance(metrics, dict):
@@ -738,7 +741,7 @@ class _Builder:
                     self.error(f"{base}[{index}]", prefix + problem)
 
     def _check_monitors(self) -> None:
-        # Lazy: metrics.py imports this module's neighbours, not the other way round.
+        # Lazy, so that building needs worker.metrics only when there is a spec to check.
         from worker.metrics import metric_names
 
         try:

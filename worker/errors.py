@@ -79,7 +79,9 @@ def _clean_path(loc: tuple[Any, ...], document: Any) -> str:
     node = document
     for index, part in enumerate(loc):
         last = index == len(loc) - 1
-        if (isinstance(node, dict) and isinstance(part, str) and part in node) or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+        if (isinstance(node, dict) and isinstance(part, str) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
             parts.append(part)
             node = node[part]
         elif last and isinstance(node, dict) and isinstance(part, str) and _is_field_name(part):

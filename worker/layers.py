@@ -23,20 +23,23 @@ from torch import Tensor, nn
 from worker.errors import closest
 
 Shape = tuple[int, ...]
+Infer = Callable[[list[Shape], dict[str, Any]], dict[str, Any]]  # input shapes, args -> inferred
+Output = Callable[[list[Shape], dict[str, Any]], Shape]  # input shapes, all args -> output
 
 
 class ShapeError(ValueError):
     """A layer cannot take its input shape(s); the message says why, without the layer name."""
 
 
-def show_shape(shape: tuple[int | None, ...]) -> str:
+def show_shape(shape: tuple[int, ...]) -> str:
     """A per-sample shape as the user's arrays have it: (16, 8) -> (batch, 16, 8)."""
-    dims = ["batch", *("batch" if d is None else str(d) for d in shape)]
-    return "(" + ", ".join(dims) + (",)" if not shape else ")")
+    return "(" + ", ".join(["batch", *map(str, shape)]) + (",)" if not shape else ")")
 
 
 def _show(value: Any) -> str:
-    text = "true" if value is True else "false" if value is False else repr(value)
+    """A JSON value as the user wrote it."""
+    words = {True: "true", False: "false", None: "null"}
+    text = words[value] if value is None or isinstance(value, bool) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -182,8 +185,8 @@ class LayerDef:
     doc: str
     args: tuple[Arg, ...] = ()
     inferred: tuple[str, ...] = ()
-    infer: Callable[[list[Shape], dict[str, Any]], dict[str, Any]] | None = None
-    output: Callable[[list[Shape], dict[str, Any]], Shape] | None = None
+    infer: Infer | None = None
+    output: Output | None = None
     # "(batch, channels, height, width)": the input ranks accepted ("..." = any number of dims)
     layout: str | None = None
     inputs: int | None = 1  # None: two or more (merge ops)
@@ -199,7 +202,7 @@ class LayerDef:
 
     def check_input(self, shapes: list[Shape], args: dict[str, Any]) -> dict[str, Any]:
         """The inferred arguments for these input shapes; ShapeError if they do not fit."""
-        if self.layout is not None and not any(_fits(s, self.layout) for s in shapes[:1]):
+        if self.layout is not None and not _fits(shapes[0], self.layout):
             raise ShapeError(f"it expects {self.layout}")
         return self.infer(shapes, args) if self.infer else {}
 
@@ -237,14 +240,10 @@ def check_args(
         elif key in layer.inferred:
             claimed[key] = value
         elif key in layer.fixed:
-            if value != layer.fixed[key]:
-                always = f"{key}={_show(layer.fixed[key])}"
-                problems.append(
-                    (
-                        key,
-                        f"{layer.name} always uses {always}, inputs {layer.layout}; found {_show(value)}",
-                    )
-                )
+            fixed = layer.fixed[key]
+            if type(value) is not type(fixed) or value != fixed:
+                always = f"{layer.name} always uses {key}={_show(fixed)}, inputs {layer.layout}"
+                problems.append((key, f"{always}; found {_show(value)}"))
         else:
             known = [a.name for a in layer.args]
             near = closest(key, [*known, *layer.inferred])
@@ -358,12 +357,16 @@ class Permute(nn.Module):
         return f"dims={self.dims}"
 
 
+def _sum(xs: tuple[Tensor, ...]) -> Tensor:
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
+
+
 class Add(nn.Module):
     def forward(self, *xs: Tensor) -> Tensor:
-        out = xs[0]
-        for x in xs[1:]:
-            out = out + x
-        return out
+        return _sum(xs)
 
 
 class Multiply(nn.Module):
@@ -376,7 +379,7 @@ class Multiply(nn.Module):
 
 class Mean(nn.Module):
     def forward(self, *xs: Tensor) -> Tensor:
-        return Add()(*xs) / len(xs)
+        return _sum(xs) / len(xs)
 
 
 class Concat(nn.Module):
@@ -392,9 +395,6 @@ class Concat(nn.Module):
 
 
 # ------------------------------------------------------------ shape inference
-
-Infer = Callable[[list[Shape], dict[str, Any]], dict[str, Any]]
-Output = Callable[[list[Shape], dict[str, Any]], Shape]
 
 
 def _last(name: str) -> Infer:

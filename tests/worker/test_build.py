@@ -518,6 +518,7 @@ def test_every_layer_has_a_sample():
     assert set(SAMPLES) == {layer.name for layer in LAYERS.values()}
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_inferred_output_shape_is_what_torch_gives(name):
     args, shape = SAMPLES[name]
