@@ -232,14 +232,14 @@ class _ProgressBar(Callback):
             total = min(total, trainer.spec.training.max_steps)
         self.progress.start()
         self.task = self.progress.add_task(
-            "train", total=total, completed=trainer.step, epoch=f"{trainer.epoch + 1}", info=""
+            "train", total=total, completed=trainer.step, epoch=f"{trainer.epoch}", info=""
         )
 
     def on_batch_end(self, trainer: Any) -> None:
         self.progress.update(
             self.task,
             completed=trainer.step,
-            epoch=f"{trainer.epoch + 1}/{trainer.spec.training.epochs}",
+            epoch=f"{trainer.epoch} of {trainer.spec.training.epochs}",
         )
 
     def on_log(self, trainer: Any, points: list[Any]) -> None:
@@ -252,10 +252,309 @@ class _ProgressBar(Callback):
             k: v for k, v in metrics.items() if k not in ("epoch_time_s", "samples_per_s", "lr")
         }
         text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-        self.progress.console.print(f"epoch {epoch + 1}: {text}", highlight=False)
+        self.progress.console.print(f"epoch {epoch}: {text}", highlight=False)
 
     def close(self) -> None:
         self.progress.stop()
+
+
+# ------------------------------------------------------------------ service
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Training worker processes to start.")] = 1,
+) -> None:
+    """Start the API and training workers with embedded defaults (SQLite, no broker server)."""
+    import os
+    import subprocess
+
+    import uvicorn
+
+    from app.bootstrap import bootstrap
+    from app.config import Settings, with_worker_token
+    from app.main import create_app
+
+    env_url = os.environ.get("TORCHYARD_API_URL")
+    settings = Settings(api_url=env_url or f"http://{host}:{port}")  # type: ignore[call-arg]
+    settings = with_worker_token(settings)
+    token = bootstrap(settings)
+    child_env = {
+        **os.environ,
+        "TORCHYARD_HOME": str(settings.home),
+        "TORCHYARD_API_URL": settings.api_url,
+        "TORCHYARD_BROKER_URL": settings.broker_url,
+        "TORCHYARD_WORKER_TOKEN": settings.worker_token or "",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", "--name", f"embedded{i}"], env=child_env
+        )
+        for i in range(workers)
+    ]
+    console.print(
+        f"torchyard API at {settings.api_url}  (docs: {settings.api_url}/docs)", highlight=False
+    )
+    console.print(f"state in {settings.home}", highlight=False)
+    if token:
+        # Plain print: a wrapped token would not survive copy and paste.
+        print(f"your token (shown once):\n  export TORCHYARD_TOKEN={token}", flush=True)
+    else:
+        console.print("token: the one shown at first start, or $TORCHYARD_TOKEN", highlight=False)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@app.command("worker")
+def worker_command(
+    gpu: Annotated[
+        int | None, typer.Option(help="Train on this GPU only (sets CUDA_VISIBLE_DEVICES).")
+    ] = None,
+    queues: Annotated[
+        str | None,
+        typer.Option(help="Queues to take jobs from (default: gpu with --gpu, else cpu,gpu)."),
+    ] = None,
+    name: Annotated[str, typer.Option(help="Worker name (unique per host).")] = "worker",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start a training worker: one job at a time, each in its own child process."""
+    import os
+
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    from worker.celery_app import app as celery
+
+    celery.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues or ("gpu" if gpu is not None else "cpu,gpu"),
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            loglevel,
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+def _client() -> Any:
+    from app.client import ApiClient
+
+    return ApiClient()
+
+
+def _api_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from app.client import ApiError
+
+    try:
+        return fn(*args, **kwargs)
+    except ApiError as exc:
+        raise _fail(exc.lines) from None
+
+
+@app.command()
+def upload(
+    path: Annotated[Path, typer.Argument(help="A .npz .npy .csv or .parquet file.")],
+) -> None:
+    """Upload a dataset; prints its id and fields."""
+    if not path.is_file():
+        raise _fail(f"{path}: no such file")
+    info = _api_call(_client().upload, path)
+    console.print(
+        f"{info['id']}  {info['name']}  {info['rows']} rows  {info['size']:,} bytes",
+        highlight=False,
+    )
+    for field_name, meta in info.get("fields", {}).items():
+        console.print(
+            f"  {field_name}: {meta.get('dtype')} {tuple(meta.get('shape', []))}", highlight=False
+        )
+
+
+@app.command()
+def submit(
+    spec_path: SpecArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream progress until the job ends.")
+    ] = False,
+) -> None:
+    """Submit a job spec (dataset ids in data.train / data.validation); prints the job id."""
+    try:
+        document = json.loads(spec_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _fail(f"{spec_path}: {exc}") from None
+    client = _client()
+    job = _api_call(client.submit, document)
+    console.print(f"{job['id']}  {job['status']}", highlight=False)
+    if follow:
+        _follow(client, job["id"])
+
+
+def _follow(client: Any, job_id: str) -> None:
+    """A live progress bar fed by the job's server-sent events."""
+    progress = Progress(
+        TextColumn("{task.fields[status]}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    final: dict[str, Any] = {}
+    with progress:
+        task = progress.add_task("job", total=None, status="queued", epoch="-", info="")
+        for _, kind, data in _api_call(lambda: list_events(client, job_id)):
+            if kind == "status":
+                progress.update(task, status=data.get("status", ""))
+            elif kind == "progress" or (kind == "status" and "progress" in data):
+                _show_progress(progress, task, data.get("progress", data))
+            elif kind == "metrics":
+                latest = {p["name"]: p["value"] for p in data.get("points", [])}
+                shown = {
+                    k: v
+                    for k, v in latest.items()
+                    if k in ("loss_step", "loss", "val_loss", "val_accuracy", "accuracy")
+                }
+                if shown:
+                    progress.update(task, info="  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+                if "progress" in data:
+                    _show_progress(progress, task, data["progress"])
+            elif kind == "log":
+                for line in data.get("lines", []):
+                    progress.console.print(line, highlight=False)
+            elif kind == "end":
+                final = data
+    job = _api_call(client.job, job_id)
+    _print_job(job)
+    if (final.get("status") or job["status"]) != "succeeded":
+        raise typer.Exit(1)
+
+
+def list_events(client: Any, job_id: str) -> Any:
+    yield from client.events(job_id)
+
+
+def _show_progress(progress: Any, task: Any, p: dict[str, Any]) -> None:
+    if not p:
+        return
+    total = (p.get("steps_per_epoch") or 0) * (p.get("epochs") or 0)
+    progress.update(
+        task,
+        total=total or None,
+        completed=p.get("step", 0),
+        epoch=f"{p.get('epoch', 0)}/{p.get('epochs', '?')}",
+    )
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    line = f"{job['id']}  {job['name']}  {job['status']}"
+    best = job.get("best") or {}
+    if best.get("epoch") is not None:
+        line += f"  best {best['monitor']} = {best['value']:.6g} at epoch {best['epoch']}"
+    if job.get("stopped_early"):
+        line += f"  stopped early: {job.get('stop_reason')}"
+    if job.get("error"):
+        line += f"  error: {job['error']}"
+    console.print(line, highlight=False)
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+) -> None:
+    """List your jobs, newest first."""
+    page = _api_call(_client().jobs, status, limit)
+    for job in page.get("jobs", []):
+        _print_job(job)
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Show a job: status, progress, latest and best metrics."""
+    job = _api_call(_client().job, job_id)
+    _print_job(job)
+    progress = job.get("progress") or {}
+    if progress:
+        console.print(
+            f"  epoch {progress.get('epoch')}/{progress.get('epochs')}  step {progress.get('step')}"
+            + (f"  eta {progress['eta_s']:.0f}s" if progress.get("eta_s") else ""),
+            highlight=False,
+        )
+    for name, value in sorted((job.get("metrics") or {}).items()):
+        console.print(f"  {name} = {value:.6g}", highlight=False)
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job (a running one stops within one heartbeat; its best checkpoint stays)."""
+    job = _api_call(_client().cancel, job_id)
+    console.print(f"{job_id}  {job.get('status', 'cancel requested')}", highlight=False)
+
+
+@app.command()
+def metrics(
+    job_id: str,
+    names: Annotated[str | None, typer.Option(help="Comma-separated metric names.")] = None,
+    max_points: Annotated[
+        int | None, typer.Option(help="Downsample each series to this many points.")
+    ] = None,
+) -> None:
+    """Print a job's metric history as JSON."""
+    data = _api_call(_client().metrics, job_id, names.split(",") if names else None, max_points)
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def download(
+    job_id: str,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="pt2 or onnx (default: safetensors weights).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file.")] = None,
+) -> None:
+    """Download a job's best weights (or an exported model)."""
+    target = out or Path(f"{job_id}.{fmt or 'safetensors'}")
+    _api_call(_client().download, job_id, target, fmt)
+    console.print(f"wrote {target} ({target.stat().st_size:,} bytes)", highlight=False)
+
+
+token_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(name: Annotated[str, typer.Argument(help="The user the token is for.")]) -> None:
+    """Create a user (if new) and a token for them; prints the token once."""
+    from app.config import get_settings
+    from app.db import make_engine, make_sessions, session_scope
+    from app.migrate import upgrade_engine
+    from app.store import users
+
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    upgrade_engine(engine)
+    with session_scope(make_sessions(engine)) as session:
+        user = users.get_by_name(session, name) or users.create_user(session, name)
+        raw = users.create_token(session, user, name="cli")
+    engine.dispose()
+    sys.stdout.write(raw + "\n")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ class ProgressToQueue(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
         self._progress(trainer)
         shown = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items())
-        self.outbox.put(("log", [f"epoch {epoch + 1}/{trainer.spec.training.epochs}: {shown}"]))
+        # Epochs count from 0 everywhere (metrics, checkpoints, best epoch), as in Lightning.
+        self.outbox.put(("log", [f"epoch {epoch} of {trainer.spec.training.epochs}: {shown}"]))
 
 
 class Uploader:
@@ -128,7 +129,8 @@ class Uploader:
         self.progress: dict[str, Any] = {}
         self.result: dict[str, Any] | None = None
         self.stale = False
-        self._last_contact = 0.0
+        self._last_heartbeat = 0.0
+        self._progress_sent: dict[str, Any] = {}
         self._retry_at = 0.0
         self._backoff = 0.5
         self._spills = itertools.count()
@@ -194,11 +196,14 @@ class Uploader:
                 self.pending.popleft()
                 if kind == "metrics":
                     self.points_in_memory -= len(body)
-                self._last_contact = time.monotonic()
-            if time.monotonic() - self._last_contact >= self.heartbeat_every:
-                if self.client.heartbeat(self.job_id, self.progress):
+            since = time.monotonic() - self._last_heartbeat
+            fresh_progress = self.progress != self._progress_sent and since >= 1.0
+            if fresh_progress or since >= self.heartbeat_every:
+                progress = dict(self.progress)
+                if self.client.heartbeat(self.job_id, progress):
                     self.cancel.set()
-                self._last_contact = time.monotonic()
+                self._progress_sent = progress
+                self._last_heartbeat = time.monotonic()
             self._backoff = 0.5
         except ApiUnavailable as exc:
             log.warning("API unreachable, buffering reports: %s", exc)

@@ -1,0 +1,31 @@
+# One image for both roles: `api` (uvicorn) and `worker` (torchyard worker).
+# GPU workers need the CUDA build of torch: the default index below serves it.
+# For a CPU-only image: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+FROM python:3.11-slim
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    TORCHYARD_HOME=/var/lib/torchyard
+
+WORKDIR /srv/torchyard
+
+# torch first, from its own index, so the package install below keeps it.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY worker ./worker
+RUN pip install . \
+    && useradd --create-home --uid 1000 torchyard \
+    && mkdir -p /var/lib/torchyard /data/artifacts /work \
+    && chown -R torchyard /var/lib/torchyard /data /work
+
+USER torchyard
+EXPOSE 8000
+
+# The API by default; docker-compose.yml gives the worker its own command.
+CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]

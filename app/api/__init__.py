@@ -1,0 +1,1 @@
+"""The HTTP layer: routes parse, call one function, and return."""

@@ -1,0 +1,79 @@
+"""Errors become JSON answers a client can act on; never a 500 with a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app.db import is_connection_error
+from app.errors import DatabaseUnavailable, ServiceError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    from worker.errors import DataError, SpecError
+
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(SpecError, _spec_error)
+    app.add_exception_handler(DataError, _data_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for lost_database in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(lost_database, _database_lost)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    headers = {}
+    if exc.status_code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if exc.status_code == 503:
+        headers["Retry-After"] = RETRY_AFTER_S
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+
+
+def _spec_error(_request: Request, exc: Exception) -> JSONResponse:
+    issues = [issue.as_dict() for issue in exc.issues]  # type: ignore[attr-defined]
+    return JSONResponse({"detail": issues}, status_code=422)
+
+
+def _data_error(_request: Request, exc: Exception) -> JSONResponse:
+    lines = str(exc).strip().splitlines()
+    return JSONResponse({"detail": lines[0] if lines else "bad dataset"}, status_code=422)
+
+
+def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": [_issue(error) for error in exc.errors()]}, status_code=422)
+
+
+def _issue(error: dict[str, Any]) -> dict[str, str]:
+    from worker.errors import format_path
+
+    message = str(error.get("msg", "invalid"))
+    return {
+        "path": format_path(part for part in error.get("loc", ()) if isinstance(part, str | int)),
+        "message": message,
+    }
+
+
+def _database_lost(request: Request, _exc: Exception) -> JSONResponse:
+    return _service_error(request, DatabaseUnavailable())
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if is_connection_error(exc):
+        return _service_error(request, DatabaseUnavailable())
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": "internal error; the server log has the details"}, status_code=500
+    )

@@ -1,0 +1,58 @@
+"""Checkpoints of a job: list, download (ETag, Range), export on the fly."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app.api.deps import ArtifactsDep, OwnedJob, SessionDep, SessionsDep, UserAuth
+from app.api.files import checkpoint_response
+from app.api.schemas import CheckpointOut
+from app.db import session_scope
+from app.exports import ExportFormat
+from app.store import checkpoints
+
+router = APIRouter(prefix="/jobs", tags=["checkpoints"], dependencies=[UserAuth])
+
+FormatQuery = Annotated[
+    ExportFormat | None,
+    Query(
+        alias="format",
+        description="pt2 (torch.export) or onnx: export the weights; default: the file as stored",
+    ),
+]
+DOWNLOAD = {200: {"content": {"application/octet-stream": {}}, "description": "The file"}}
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
+def list_checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
+    return [CheckpointOut.of(c) for c in checkpoints.list_for_job(session, job.id)]
+
+
+# The lookups run in their own short transaction: an export can take a while.
+@router.get("/{job_id}/checkpoints/best", response_class=Response, responses=DOWNLOAD)
+def download_best(
+    request: Request,
+    job: OwnedJob,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    fmt: FormatQuery = None,
+) -> Response:
+    with session_scope(sessions) as session:
+        checkpoint = checkpoints.newest(session, job.id, "best")
+    return checkpoint_response(request, artifacts, job, checkpoint, fmt)
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}", response_class=Response, responses=DOWNLOAD)
+def download(
+    request: Request,
+    job: OwnedJob,
+    checkpoint_id: int,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    fmt: FormatQuery = None,
+) -> Response:
+    with session_scope(sessions) as session:
+        checkpoint = checkpoints.get(session, job.id, checkpoint_id)
+    return checkpoint_response(request, artifacts, job, checkpoint, fmt)

@@ -1,0 +1,33 @@
+"""Server-sent events of a job, resumable with Last-Event-ID."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import OwnedJob, SessionsDep, UserAuth
+from app.event_stream import sse_frames
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
+
+STREAM = {200: {"content": {"text/event-stream": {}}, "description": "id, event, data per event"}}
+# no-cache: every watcher reads live; X-Accel-Buffering: nginx must not hold events back
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses=STREAM)
+def job_events(
+    job: OwnedJob,
+    sessions: SessionsDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, description="Like Last-Event-ID, for clients that cannot set it")
+    ] = None,
+) -> StreamingResponse:
+    """`status`, `metrics`, `checkpoint`, `log` events as stored; `end` after a terminal status."""
+    start = after or (int(last_event_id) if last_event_id and last_event_id.isdigit() else 0)
+    return StreamingResponse(
+        sse_frames(sessions, job.id, start), media_type="text/event-stream", headers=STREAM_HEADERS
+    )

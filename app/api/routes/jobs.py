@@ -1,0 +1,134 @@
+"""Jobs: validate, submit, list, read, cancel, metrics history, logs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from app.api.deps import CurrentUser, DispatcherDep, OwnedJob, SessionDep, SettingsDep, UserAuth
+from app.api.schemas import JobOut, JobPage, JobSummary, LogsOut, MetricPointOut, ValidateOut
+from app.errors import BadRequest
+from app.ids import is_id
+from app.store import events, jobs, metrics
+from app.submission import check_spec, submit_job
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+SPEC_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": "A job spec (`torchyard schema` prints its JSON Schema)",
+                }
+            }
+        },
+    }
+}
+
+
+async def _spec_body(request: Request) -> bytes:
+    return await request.body()
+
+
+SpecBody = Annotated[bytes, Depends(_spec_body)]
+
+
+@router.post("/validate", response_model=ValidateOut, openapi_extra=SPEC_BODY)
+def validate(
+    body: SpecBody, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> ValidateOut:
+    """Check a spec against your datasets and build it on the meta device (nothing is allocated)."""
+    return ValidateOut(summary=check_spec(session, user.id, body, settings).summary)
+
+
+@router.post("", status_code=201, response_model=JobOut, openapi_extra=SPEC_BODY)
+def submit(
+    body: SpecBody,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+) -> JobOut:
+    return JobOut.of(submit_job(session, user.id, body, settings, dispatcher))
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    user: CurrentUser,
+    session: SessionDep,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobPage:
+    page, last = jobs.list_page(
+        session, user.id, status=status, limit=limit, before_id=_decode(cursor)
+    )
+    return JobPage(jobs=[JobSummary.of(job) for job in page], next_cursor=_encode(last))
+
+
+def _encode(job_id: str | None) -> str | None:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=") if job_id else None
+
+
+def _decode(cursor: str | None) -> str | None:
+    if not cursor:
+        return None
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        job_id = raw.decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        job_id = ""
+    if not is_id(job_id):
+        raise BadRequest("cursor: not a cursor this API returned")
+    return job_id
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job: OwnedJob) -> JobOut:
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel(job_id: str, user: CurrentUser, session: SessionDep) -> JobOut:
+    """Queued: cancelled at once. Running: the worker is told to stop at its next report."""
+    return JobOut.of(jobs.cancel(session, user.id, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=dict[str, list[MetricPointOut]])
+def metric_history(
+    job: OwnedJob,
+    session: SessionDep,
+    names: Annotated[
+        str | None, Query(description="Comma-separated metric names; all when absent")
+    ] = None,
+    since_step: Annotated[
+        int | None, Query(ge=-1, description="Only points with step > since_step")
+    ] = None,
+    max_points: Annotated[
+        int | None,
+        Query(ge=4, le=100_000, description="Downsample each series to at most this many points"),
+    ] = None,
+) -> dict[str, list[dict[str, Any]]]:
+    wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
+    return metrics.history(
+        session, job.id, names=wanted, since_step=since_step, max_points=max_points
+    )
+
+
+@router.get("/{job_id}/logs", response_model=LogsOut)
+def logs(
+    job: OwnedJob,
+    session: SessionDep,
+    tail: Annotated[
+        int | None, Query(ge=1, le=100_000, description="Only the last N lines")
+    ] = None,
+) -> LogsOut:
+    return LogsOut(lines=events.log_lines(session, job.id, tail))

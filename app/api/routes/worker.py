@@ -1,0 +1,140 @@
+"""The worker protocol (docs/service.md): claim with the worker token, report with the attempt's."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Request, Response
+
+from app.api.deps import (
+    ArtifactsDep,
+    AttemptAuth,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+    WorkerAttempt,
+    WorkerAuth,
+)
+from app.api.files import file_response
+from app.api.schemas import (
+    CancelOut,
+    CheckpointOut,
+    ClaimIn,
+    ClaimOut,
+    FinishIn,
+    HeartbeatIn,
+    JobOut,
+    LogsIn,
+    MetricsIn,
+    MetricsOut,
+)
+from app.db import session_scope
+from app.errors import BadRequest
+from app.protocol import claim_job, receive_checkpoint, record_logs, record_metrics
+from app.store import attempts, checkpoints, datasets
+
+claims = APIRouter(prefix="/worker", tags=["worker"], dependencies=[WorkerAuth])
+router = APIRouter(prefix="/worker", tags=["worker"], dependencies=[AttemptAuth])
+
+DOWNLOAD = {200: {"content": {"application/octet-stream": {}}, "description": "The file"}}
+SHA256_HEX = 64
+
+
+@claims.post("/jobs/{job_id}/claim", response_model=ClaimOut)
+def claim(job_id: str, body: ClaimIn, session: SessionDep, settings: SettingsDep) -> ClaimOut:
+    """Move `queued -> running` and start an attempt; 409 when the job is not queued."""
+    return ClaimOut.model_validate(claim_job(session, job_id, body.worker, settings))
+
+
+@router.get("/datasets/{dataset_id}", response_class=Response, responses=DOWNLOAD)
+def dataset_file(
+    request: Request,
+    dataset_id: str,
+    ref: WorkerAttempt,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+) -> Response:
+    with session_scope(sessions) as session:
+        dataset = datasets.for_job(session, ref.job_id, dataset_id)
+    return file_response(
+        request, artifacts.path(dataset.path), etag=dataset.sha256, filename=dataset.name
+    )
+
+
+@router.get("/jobs/{job_id}/resume", response_class=Response, responses=DOWNLOAD)
+def resume_state(
+    request: Request, ref: WorkerAttempt, sessions: SessionsDep, artifacts: ArtifactsDep
+) -> Response:
+    """The job's latest `last.pt` (training state), 404 if none."""
+    with session_scope(sessions) as session:
+        state = checkpoints.newest(session, ref.job_id, "last")
+    return file_response(request, artifacts.path(state.path), etag=state.sha256, filename="last.pt")
+
+
+@router.post("/jobs/{job_id}/heartbeat", response_model=CancelOut)
+def heartbeat(
+    body: HeartbeatIn, ref: WorkerAttempt, session: SessionDep, settings: SettingsDep
+) -> CancelOut:
+    progress = body.progress.model_dump(exclude_none=True)
+    return CancelOut(cancel=attempts.heartbeat(session, ref, progress, settings.lease_s))
+
+
+@router.post("/jobs/{job_id}/metrics", response_model=MetricsOut)
+def post_metrics(
+    body: MetricsIn, ref: WorkerAttempt, session: SessionDep, settings: SettingsDep
+) -> MetricsOut:
+    """Idempotent: points are keyed by (job, name, step). Also a heartbeat."""
+    points = [p.model_dump() for p in body.points]
+    inserted, cancel = record_metrics(session, ref, points, settings.lease_s)
+    return MetricsOut(inserted=inserted, cancel=cancel)
+
+
+@router.put(
+    "/jobs/{job_id}/checkpoints/{kind}/{epoch}", status_code=201, response_model=CheckpointOut
+)
+async def put_checkpoint(
+    request: Request,
+    kind: Literal["best", "last", "top_k"],
+    epoch: int,
+    ref: WorkerAttempt,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    settings: SettingsDep,
+    x_sha256: Annotated[str, Header(description="sha256 hex of the body")],
+    x_step: Annotated[int, Header(ge=0)] = 0,
+    x_monitor: Annotated[str | None, Header(max_length=128)] = None,
+    x_value: Annotated[float | None, Header()] = None,
+) -> CheckpointOut:
+    """Raw bytes checked against X-Sha256 (400 on mismatch); idempotent by (job, epoch, kind)."""
+    if len(x_sha256) != SHA256_HEX or any(c not in "0123456789abcdefABCDEF" for c in x_sha256):
+        raise BadRequest("X-Sha256 must be 64 hex digits")
+    if epoch < 0:
+        raise BadRequest("epoch must be >= 0")
+    checkpoint = await receive_checkpoint(
+        sessions,
+        artifacts,
+        ref,
+        request.stream(),
+        sha256=x_sha256,
+        kind=kind,
+        epoch=epoch,
+        step=x_step,
+        monitor=x_monitor,
+        value=x_value,
+        lease_s=settings.lease_s,
+    )
+    return CheckpointOut.of(checkpoint)
+
+
+@router.post("/jobs/{job_id}/logs", status_code=204)
+def post_logs(
+    body: LogsIn, ref: WorkerAttempt, session: SessionDep, settings: SettingsDep
+) -> Response:
+    record_logs(session, ref, body.lines, settings.lease_s)
+    return Response(status_code=204)
+
+
+@router.post("/jobs/{job_id}/finish", response_model=JobOut)
+def finish(body: FinishIn, ref: WorkerAttempt, session: SessionDep) -> JobOut:
+    """Set the terminal state, best epoch and value, early stop and error from the RunResult."""
+    return JobOut.of(attempts.finish(session, ref, body.status, body.result.model_dump()))

@@ -1,0 +1,255 @@
+"""Request and response bodies of the REST API (they are also the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models import Checkpoint, Dataset, Job
+from app.store.metrics import finite, latest_values
+
+
+class FieldOut(BaseModel):
+    dtype: str
+    shape: list[int]
+    num_classes: int | None = None
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    format: str
+    size: int
+    sha256: str
+    rows: int | None
+    fields: dict[str, FieldOut]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetOut:
+        return cls(
+            id=dataset.id,
+            name=dataset.name,
+            format=dataset.format,
+            size=dataset.size,
+            sha256=dataset.sha256,
+            rows=dataset.rows,
+            fields={name: FieldOut(**info) for name, info in dataset.fields.items()},
+            created_at=dataset.created_at,
+        )
+
+
+class ProgressOut(BaseModel):
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps_per_epoch: int | None = None
+    eta_s: float | None = None
+
+
+class BestOut(BaseModel):
+    epoch: int | None
+    monitor: str | None
+    value: float | None
+
+
+class JobSummary(BaseModel):
+    id: str
+    name: str
+    status: str
+    queue: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempt: int
+    cancel_requested: bool
+    error: str | None
+
+    @classmethod
+    def fields_of(cls, job: Job) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "name": job.name,
+            "status": job.status,
+            "queue": job.queue,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "attempt": job.attempt,
+            "cancel_requested": job.cancel_requested,
+            "error": job.error,
+        }
+
+    @classmethod
+    def of(cls, job: Job) -> JobSummary:
+        return cls(**cls.fields_of(job))
+
+
+class JobOut(JobSummary):
+    max_restarts: int
+    progress: ProgressOut | None
+    metrics: dict[str, float | None]
+    best: BestOut | None
+    stopped_early: bool
+    stop_reason: str | None
+    spec: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        best = None
+        if job.best_epoch is not None or job.best_value is not None:
+            best = BestOut(
+                epoch=job.best_epoch, monitor=job.best_monitor, value=finite(job.best_value)
+            )
+        return cls(
+            **cls.fields_of(job),
+            max_restarts=job.max_restarts,
+            progress=ProgressOut(
+                **{k: v for k, v in job.progress.items() if k in ProgressOut.model_fields}
+            )
+            if job.progress
+            else None,
+            metrics=latest_values(job),
+            best=best,
+            stopped_early=job.stopped_early,
+            stop_reason=job.stop_reason,
+            spec=job.spec,
+        )
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end"
+    )
+
+
+class ValidateOut(BaseModel):
+    summary: dict[str, Any]
+
+
+class MetricPointOut(BaseModel):
+    step: int
+    epoch: int
+    value: float | None = Field(description="null for NaN or Inf")
+    time: float
+
+
+class CheckpointOut(BaseModel):
+    id: int
+    epoch: int
+    kind: str
+    step: int
+    monitor: str | None
+    value: float | None
+    size: int
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> CheckpointOut:
+        return cls(
+            id=checkpoint.id,
+            epoch=checkpoint.epoch,
+            kind=checkpoint.kind,
+            step=checkpoint.step,
+            monitor=checkpoint.monitor,
+            value=finite(checkpoint.value),
+            size=checkpoint.size,
+            sha256=checkpoint.sha256,
+            created_at=checkpoint.created_at,
+        )
+
+
+class LogsOut(BaseModel):
+    lines: list[str]
+
+
+# ---------------------------------------------------------------- worker protocol
+
+
+class ClaimIn(BaseModel):
+    worker: str = Field(min_length=1, max_length=255, description="hostname:pid")
+
+
+class DatasetRef(BaseModel):
+    url: str
+    sha256: str
+    filename: str
+    format: str
+
+
+class ResumeRef(BaseModel):
+    url: str
+
+
+class ClaimOut(BaseModel):
+    attempt: int
+    token: str
+    spec: dict[str, Any]
+    lease_s: float
+    datasets: dict[str, DatasetRef]
+    resume: ResumeRef | None
+
+
+class ProgressIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    epoch: int | None = Field(default=None, ge=0)
+    epochs: int | None = Field(default=None, ge=0)
+    step: int | None = Field(default=None, ge=0)
+    steps_per_epoch: int | None = Field(default=None, ge=0)
+
+
+class HeartbeatIn(BaseModel):
+    progress: ProgressIn = Field(default_factory=ProgressIn)
+
+
+class CancelOut(BaseModel):
+    cancel: bool
+
+
+class PointIn(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    step: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    value: float | None
+    time: float
+
+
+class MetricsIn(BaseModel):
+    points: list[PointIn] = Field(max_length=100_000)
+
+
+class MetricsOut(BaseModel):
+    inserted: int
+    cancel: bool
+
+
+class LogsIn(BaseModel):
+    lines: list[str] = Field(max_length=10_000)
+
+
+class RunResultIn(BaseModel):
+    """worker.train.RunResult as JSON; unknown keys are kept in the stored result."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str | None = None
+    epochs_run: int = 0
+    steps: int = 0
+    best_epoch: int | None = None
+    monitor: str | None = None
+    best_value: float | None = None
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    error: str | None = None
+    final_metrics: dict[str, float | None] = Field(default_factory=dict)
+    duration_s: float = 0.0
+
+
+class FinishIn(BaseModel):
+    status: Literal["succeeded", "failed", "cancelled"]
+    result: RunResultIn = Field(default_factory=RunResultIn)

@@ -1,0 +1,141 @@
+"""Dispatch: wake a worker with the Celery task `torchyard.run_job(job_id)`.
+
+The database is the source of truth and the broker only carries wake-ups, so a
+send happens after the job's row is committed, and a failed send fails nothing:
+the reconciler sends again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import ChannelError
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "torchyard.run_job"
+QUEUES = ("cpu", "gpu")
+# A send is only a wake-up: give up fast and let the reconciler retry.
+PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
+
+
+def queue_for(spec: Any) -> str:
+    """`gpu` for jobs that need one (resources.gpus, or a cuda device when gpus is unset)."""
+    gpus = spec.resources.gpus
+    if gpus is None:
+        return "gpu" if spec.training.device.startswith("cuda") else "cpu"
+    return "gpu" if gpus == 1 else "cpu"
+
+
+def broker_folders(home: Path) -> dict[str, Path]:
+    base = Path(home).expanduser().resolve() / "broker"
+    return {"queue": base / "queue", "processed": base / "processed", "control": base / "control"}
+
+
+def celery_config(broker_url: str, home: Path) -> dict[str, Any]:
+    """The Celery settings the API and every worker share (worker/settings.py mirrors them).
+
+    For the embedded `filesystem://` broker, senders and consumers must use the
+    same folders (created here); worker/ does not import app/, hence the mirror.
+    """
+    config: dict[str, Any] = {
+        "broker_url": broker_url,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": "cpu",
+    }
+    if broker_url.startswith("filesystem://"):
+        folders = broker_folders(home)
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    elif broker_url.startswith(("redis://", "rediss://")):
+        # Long training runs hold an unacked task: keep Redis from handing it to
+        # another worker mid-run (the claim would refuse it anyway).
+        config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
+    return config
+
+
+class Dispatcher:
+    """Sends wake-ups and reads queue depths; safe to share between threads."""
+
+    def __init__(self, broker_url: str, home: Path):
+        self.broker_url = broker_url
+        self.celery = Celery("torchyard-api", set_as_current=False)
+        self.celery.conf.update(celery_config(broker_url, home))
+        self._lock = threading.Lock()
+
+    def send(self, job_id: str, queue: str) -> bool:
+        """Publish the task; False (logged) when the broker is unreachable."""
+        try:
+            with self._lock:
+                self.celery.send_task(
+                    TASK_NAME, args=[job_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY
+                )
+        except Exception as exc:  # any broker failure: the reconciler re-sends
+            log.warning("could not send job %s to queue %s: %s", job_id, queue, exc)
+            return False
+        return True
+
+    def queue_depth(self, queue: str) -> int | None:
+        """Messages waiting in `queue`; None when the broker cannot be asked."""
+        try:
+            with self._lock, self.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=0, timeout=2)
+                channel = connection.default_channel
+                try:
+                    return channel.queue_declare(queue=queue, passive=True).message_count
+                except ChannelError:
+                    return 0  # never declared, or drained and removed: nothing waiting
+        except Exception as exc:
+            log.warning("could not read the depth of queue %s: %s", queue, exc)
+            return None
+
+    def ping(self) -> None:
+        """Raise unless the broker answers."""
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=0, timeout=2)
+            # opening a channel makes a round trip (redis PINGs; the filesystem lists its folder)
+            with contextlib.suppress(ChannelError):
+                connection.default_channel.queue_declare(queue=QUEUES[0], passive=True)
+
+    def close(self) -> None:
+        self.celery.close()
+
+
+def send_after_commit(session: Session, dispatcher: Dispatcher, job_id: str, queue: str) -> None:
+    """Send the wake-up once this session's transaction commits (never for a rollback)."""
+    pending: list[tuple[str, str]] | None = session.info.get("dispatch")
+    if pending is None:
+        pending = session.info["dispatch"] = []
+
+        def flush(_session: Session) -> None:
+            sends, pending[:] = list(pending), []
+            for job, name in sends:
+                dispatcher.send(job, name)
+
+        def discard(_session: Session) -> None:
+            pending.clear()
+
+        event.listen(session, "after_commit", flush)
+        event.listen(session, "after_rollback", discard)
+    pending.append((job_id, queue))

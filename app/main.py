@@ -1,0 +1,89 @@
+"""The API application: `create_app(settings)` wires database, artifacts, broker and routes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
+from app.api.errors import install_error_handlers
+from app.api.limits import BodyLimits
+from app.api.routes import checkpoints, datasets, events, health, jobs, worker
+from app.artifacts import ArtifactStore
+from app.config import Settings, get_settings, with_worker_token
+from app.db import is_connection_error, make_engine, make_sessions
+from app.dispatch import Dispatcher
+from app.migrate import upgrade_engine
+from app.protocol import API_PREFIX
+from app.reconciler import Reconciler
+from app.telemetry import LatencyMiddleware, Telemetry
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Submit PyTorch training jobs as JSON specs, follow them, download their weights.
+
+Every endpoint but health needs `Authorization: Bearer <token>`."""
+
+
+def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> FastAPI:
+    """The API. Migrations run at startup; `reconcile=False` keeps the reconciler thread off."""
+    settings = with_worker_token(settings or get_settings())
+    engine = make_engine(settings.database_url)
+    sessions = make_sessions(engine)
+    artifacts = ArtifactStore(settings.artifact_dir)
+    dispatcher = Dispatcher(settings.broker_url, settings.home)
+    telemetry = Telemetry(sessions)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(migrate_when_reachable, engine, settings.db_wait_s)
+        artifacts.sweep_temp()
+        reconciler = Reconciler(sessions, settings, dispatcher) if reconcile else None
+        if reconciler:
+            reconciler.start()
+        try:
+            yield
+        finally:
+            if reconciler:
+                reconciler.stop()
+            dispatcher.close()
+            engine.dispose()
+
+    app = FastAPI(title="torchyard", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = sessions
+    app.state.artifacts = artifacts
+    app.state.dispatcher = dispatcher
+    app.state.telemetry = telemetry
+
+    install_error_handlers(app)
+    for module in (health, datasets, jobs, events, checkpoints):
+        app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(worker.claims, prefix=API_PREFIX)
+    app.include_router(worker.router, prefix=API_PREFIX)
+    # the conventional unprefixed probes, for load balancers and Prometheus
+    app.include_router(health.router, include_in_schema=False)
+
+    app.add_middleware(BodyLimits, settings=settings, prefix=API_PREFIX)
+    app.add_middleware(LatencyMiddleware, telemetry=telemetry, prefix=API_PREFIX)
+    return app
+
+
+def migrate_when_reachable(engine: Engine, wait_s: float) -> None:
+    """Run migrations, waiting up to `wait_s` for a database that is still starting (compose)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            upgrade_engine(engine)
+            return
+        except Exception as exc:
+            if not is_connection_error(exc) or time.monotonic() >= deadline:
+                raise
+            log.warning("database not reachable yet (%s); retrying", str(exc).splitlines()[0])
+            time.sleep(1)

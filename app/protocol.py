@@ -1,0 +1,178 @@
+"""The worker protocol's operations: claim a job, then report metrics, logs, checkpoints.
+
+Each report is also a heartbeat (it extends the lease), appends a job event for
+SSE watchers, and answers whether a cancel was requested. Metrics and
+checkpoints are keyed, so a retry stores nothing twice; log lines have no key,
+so a retried batch of lines shows twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app.artifacts import ArtifactStore, TempFile
+from app.config import Settings
+from app.db import Sessions, session_scope
+from app.errors import BadRequest
+from app.models import Checkpoint, Job
+from app.store import attempts, checkpoints, datasets, events, metrics
+from app.store.attempts import AttemptRef
+
+API_PREFIX = "/api/v1"
+MAX_LOG_LINE = 10_000
+WRITE_BUFFER = 1 << 20
+
+
+def claim_job(session: Session, job_id: str, worker: str, settings: Settings) -> dict[str, Any]:
+    """Start an attempt; the answer carries everything the worker needs to run it."""
+    claim = attempts.claim(
+        session,
+        job_id,
+        worker,
+        lease_s=settings.lease_s,
+        max_running=settings.max_running_jobs_per_user,
+    )
+    # keyed by the ref as written in the spec, which in the service is the dataset id
+    files = {
+        d.id: {
+            "url": f"{API_PREFIX}/worker/datasets/{d.id}",
+            "sha256": d.sha256,
+            "filename": d.name,
+            "format": d.format,
+        }
+        for d in datasets.of_job(session, job_id)
+    }
+    has_state = checkpoints.exists(session, job_id, "last")
+    return {
+        "attempt": claim.attempt.n,
+        "token": claim.token,
+        "spec": claim.job.spec,
+        "lease_s": settings.lease_s,
+        "datasets": files,
+        "resume": {"url": f"{API_PREFIX}/worker/jobs/{job_id}/resume"} if has_state else None,
+    }
+
+
+def record_metrics(
+    session: Session, ref: AttemptRef, points: list[dict[str, Any]], lease_s: float
+) -> tuple[int, bool]:
+    """Store the points not stored yet; returns (how many were new, cancel requested)."""
+    job, _ = attempts.current(session, ref)
+    attempts.extend_lease(job, lease_s)
+    new = metrics.insert_points(session, job, points)
+    if new:
+        events.append(session, job.id, "metrics", {"points": new})
+        _advance_progress(job, max(new, key=lambda p: p["step"]))
+    return len(new), job.cancel_requested
+
+
+def _advance_progress(job: Job, newest: dict[str, Any]) -> None:
+    # Points carry step and epoch, so progress moves between heartbeats too.
+    progress = dict(job.progress or {})
+    if newest["step"] > progress.get("step", -1):
+        progress.update(step=newest["step"], epoch=newest["epoch"])
+        job.progress = progress
+
+
+def record_logs(session: Session, ref: AttemptRef, lines: list[str], lease_s: float) -> None:
+    job, _ = attempts.current(session, ref)
+    attempts.extend_lease(job, lease_s)
+    if lines:
+        events.append(session, job.id, "log", {"lines": [line[:MAX_LOG_LINE] for line in lines]})
+
+
+async def receive_checkpoint(
+    sessions: Sessions,
+    artifacts: ArtifactStore,
+    ref: AttemptRef,
+    body: AsyncIterator[bytes],
+    *,
+    sha256: str,
+    kind: str,
+    epoch: int,
+    step: int,
+    monitor: str | None,
+    value: float | None,
+    lease_s: float,
+) -> Checkpoint:
+    """Stream the body to a temp file, check it against `sha256`, then move it in and record it."""
+    with artifacts.writing() as temp:
+        buffer = bytearray()
+        async for chunk in body:
+            buffer += chunk
+            if len(buffer) >= WRITE_BUFFER:
+                await run_in_threadpool(temp.write, bytes(buffer))
+                buffer.clear()
+        await run_in_threadpool(temp.write, bytes(buffer))
+        if temp.sha256 != sha256.lower():
+            raise BadRequest(f"X-Sha256 does not match the body (body sha256 is {temp.sha256})")
+        return await run_in_threadpool(
+            _store_checkpoint,
+            sessions,
+            artifacts,
+            ref,
+            temp,
+            kind,
+            epoch,
+            step,
+            monitor,
+            value,
+            lease_s,
+        )
+
+
+def _store_checkpoint(
+    sessions: Sessions,
+    artifacts: ArtifactStore,
+    ref: AttemptRef,
+    temp: TempFile,
+    kind: str,
+    epoch: int,
+    step: int,
+    monitor: str | None,
+    value: float | None,
+    lease_s: float,
+) -> Checkpoint:
+    with session_scope(sessions) as session:
+        job, _ = attempts.current(session, ref)
+        attempts.extend_lease(job, lease_s)
+        suffix = "pt" if kind == "last" else "safetensors"
+        # The sha in the name keeps every recorded row's file immutable: a
+        # re-upload with other bytes gets a new file, never overwrites a served one.
+        relative = f"jobs/{job.id}/checkpoints/{kind}-{epoch}-{temp.sha256[:16]}.{suffix}"
+        artifacts.commit(temp, relative)
+        recorded = checkpoints.record(
+            session,
+            job_id=job.id,
+            kind=kind,
+            epoch=epoch,
+            step=step,
+            monitor=monitor,
+            value=metrics.finite(value),
+            size=temp.size,
+            sha256=temp.sha256,
+            path=relative,
+        )
+        if recorded.created:
+            events.append(session, job.id, "checkpoint", checkpoint_json(recorded.checkpoint))
+    if recorded.replaced_path:
+        artifacts.delete(recorded.replaced_path)
+    return recorded.checkpoint
+
+
+def checkpoint_json(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {
+        "id": checkpoint.id,
+        "epoch": checkpoint.epoch,
+        "kind": checkpoint.kind,
+        "step": checkpoint.step,
+        "monitor": checkpoint.monitor,
+        "value": checkpoint.value,
+        "size": checkpoint.size,
+        "sha256": checkpoint.sha256,
+        "created_at": checkpoint.created_at.isoformat(),
+    }

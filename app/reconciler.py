@@ -1,0 +1,95 @@
+"""The reconciler: expires leases of lost workers and re-sends wake-ups the broker lost.
+
+It runs in a background thread of every API process; guarded transitions make
+concurrent rounds in several processes safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import Sessions, session_scope
+from app.dispatch import QUEUES, Dispatcher, send_after_commit
+from app.models import utcnow
+from app.store import attempts, jobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    requeued: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+
+def reconcile(session: Session, settings: Settings, dispatch: Dispatcher) -> Report:
+    """One round; the wake-ups it decides on are sent after the session commits."""
+    # Ask the broker before the first query: on SQLite the transaction holds the
+    # write lock, and a slow broker must not hold up every writer.
+    depths = {queue: dispatch.queue_depth(queue) for queue in QUEUES}
+    now = utcnow()
+    report = Report()
+    # Lost messages first: jobs requeued below have not been sent yet, and would
+    # otherwise count as lost.
+    for job_id, queue in _lost_wakeups(session, settings, depths, now):
+        send_after_commit(session, dispatch, job_id, queue)
+        report.resent.append(job_id)
+    for job in attempts.expire(session, now):
+        send_after_commit(session, dispatch, job.id, job.queue)
+        report.requeued.append(job.id)
+    return report
+
+
+def _lost_wakeups(
+    session: Session, settings: Settings, depths: dict[str, int | None], now: datetime
+) -> list[tuple[str, str]]:
+    """Queued jobs unclaimed for requeue_after_s whose message is no longer in the broker.
+
+    A queue holding fewer messages than it has queued jobs has lost some; the jobs
+    waiting longest since their last send get a new one. A job merely waiting its
+    turn behind busy workers still has its message, so it is not sent twice.
+    """
+    cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    lost: list[tuple[str, str]] = []
+    for queue, queued in sorted(jobs.queued_by_queue(session).items()):
+        depth = depths.get(queue)
+        if depth is None or queued <= depth:
+            continue  # broker unreachable (a send would fail too), or nothing lost
+        for job in jobs.stale_queued(session, cutoff, queue, limit=queued - depth):
+            job.dispatched_at = now
+            lost.append((job.id, queue))
+    return lost
+
+
+class Reconciler:
+    """Calls `reconcile` every `interval_s` in a daemon thread until stopped."""
+
+    def __init__(self, sessions: Sessions, settings: Settings, dispatch: Dispatcher):
+        self.sessions = sessions
+        self.settings = settings
+        self.dispatch = dispatch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="torchyard-reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.reconcile_interval_s):
+            try:
+                with session_scope(self.sessions) as session:
+                    report = reconcile(session, self.settings, self.dispatch)
+                if report.requeued or report.resent:
+                    log.info("reconciler: requeued %s, re-sent %s", report.requeued, report.resent)
+            except Exception:  # a bad round must not end the thread; the next one retries
+                log.exception("reconciler round failed")

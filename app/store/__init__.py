@@ -1,0 +1,1 @@
+"""The data layer: one module per aggregate, owning every query on its tables."""

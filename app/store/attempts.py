@@ -1,0 +1,215 @@
+"""Attempts: a worker's claim on a job, its attempt-scoped token, heartbeats, finish and loss.
+
+An attempt token is valid while its attempt is the job's current one and the job
+is running; anything else is a stale attempt, and the worker stops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, StaleAttempt
+from app.ids import hash_token, new_token
+from app.models import Attempt, Job, utcnow
+from app.store import events, jobs
+from app.store.metrics import finite_json
+
+TOKEN_PREFIX = "tya"
+WORKER_LOST = "worker lost"
+
+
+@dataclass(frozen=True)
+class AttemptRef:
+    """Who is calling, as an attempt token says: plain values, safe outside a session."""
+
+    attempt_id: int
+    job_id: str
+    n: int
+    user_id: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job
+    attempt: Attempt
+    token: str
+
+
+def claim(
+    session: Session, job_id: str, worker: str, *, lease_s: float, max_running: int | None
+) -> Claim:
+    """Move `queued -> running` and start attempt n; Conflict when the job is not queued."""
+    job = jobs.lock(session, job_id)
+    if job.status != "queued":
+        raise Conflict(f"job {job_id!r} is {job.status}, not queued")
+    if max_running is not None:
+        jobs.lock_user(session, job.user_id)
+        running = jobs.running_count(session, job.user_id)
+        if running >= max_running:
+            # The job stays queued; the reconciler sends it again later.
+            raise Conflict(
+                f"the job's owner already has {running} running job(s) (limit {max_running})"
+            )
+    now = utcnow()
+    won = jobs.transition(
+        session,
+        job_id,
+        "queued",
+        status="running",
+        started_at=job.started_at or now,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+    )
+    if not won:
+        raise Conflict(f"job {job_id!r} was claimed by another worker")
+    token = new_token(TOKEN_PREFIX)
+    attempt = Attempt(
+        job_id=job_id, n=job.attempt, token_hash=hash_token(token), worker=worker[:255]
+    )
+    session.add(attempt)
+    session.flush()
+    events.append(
+        session, job_id, "status", {"status": "running", "attempt": job.attempt, "worker": worker}
+    )
+    return Claim(job=jobs.lock(session, job_id), attempt=attempt, token=token)
+
+
+def resolve(session: Session, raw_token: str) -> AttemptRef | None:
+    """The attempt a token belongs to (None: unknown); StaleAttempt when it is no longer current."""
+    row = session.execute(
+        select(Attempt, Job)
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Attempt.token_hash == hash_token(raw_token))
+    ).one_or_none()
+    if row is None:
+        return None
+    attempt, job = row
+    if not _is_current(attempt, job):
+        raise StaleAttempt()
+    return AttemptRef(attempt_id=attempt.id, job_id=job.id, n=attempt.n, user_id=job.user_id)
+
+
+def current(session: Session, ref: AttemptRef) -> tuple[Job, Attempt]:
+    """Lock the job and check, inside this transaction, that the attempt still owns it."""
+    job = jobs.lock(session, ref.job_id)
+    attempt = session.get(Attempt, ref.attempt_id, populate_existing=True)
+    if attempt is None or not _is_current(attempt, job):
+        raise StaleAttempt()
+    return job, attempt
+
+
+def _is_current(attempt: Attempt, job: Job) -> bool:
+    return attempt.n == job.attempt and attempt.ended_at is None and job.status == "running"
+
+
+def extend_lease(job: Job, lease_s: float) -> None:
+    job.lease_expires_at = utcnow() + timedelta(seconds=lease_s)
+
+
+def heartbeat(session: Session, ref: AttemptRef, progress: dict[str, Any], lease_s: float) -> bool:
+    """Extend the lease, record progress; returns whether a cancel was requested."""
+    job, attempt = current(session, ref)
+    extend_lease(job, lease_s)
+    now = utcnow()
+    step = progress.get("step")
+    if step is not None and attempt.first_step is None:
+        attempt.first_step, attempt.first_step_at = int(step), now
+    job.progress = {**progress, "eta_s": _eta(progress, attempt, now)}
+    return job.cancel_requested
+
+
+def _eta(progress: dict[str, Any], attempt: Attempt, now: datetime) -> float | None:
+    step, epochs, per_epoch = (
+        progress.get("step"),
+        progress.get("epochs"),
+        progress.get("steps_per_epoch"),
+    )
+    if None in (step, epochs, per_epoch, attempt.first_step, attempt.first_step_at):
+        return None
+    done = step - attempt.first_step  # type: ignore[operator]
+    if done <= 0:
+        return None
+    elapsed = (now - attempt.first_step_at).total_seconds()  # type: ignore[operator]
+    remaining = max(0, epochs * per_epoch - step)  # type: ignore[operator]
+    return round(elapsed / done * remaining, 1)
+
+
+def finish(session: Session, ref: AttemptRef, status: str, result: dict[str, Any]) -> Job:
+    """End the run in a terminal state with what the worker's RunResult says."""
+    job, attempt = current(session, ref)
+    now = utcnow()
+    result = finite_json(result)
+    error = result.get("error")
+    if status == "failed" and not error:
+        error = "the run failed without a reason from the worker"
+    values = jobs.finish_values(
+        status,
+        now,
+        best_epoch=result.get("best_epoch"),
+        best_monitor=result.get("monitor"),
+        best_value=result.get("best_value"),
+        stopped_early=bool(result.get("stopped_early")),
+        stop_reason=result.get("stop_reason"),
+        error=error if status == "failed" else None,
+        result=result,
+    )
+    if not jobs.transition(session, job.id, "running", **values):
+        raise StaleAttempt()
+    attempt.ended_at, attempt.outcome = now, status
+    jobs.announce_end(
+        session, job.id, status, error=values["error"], stop_reason=values["stop_reason"]
+    )
+    return jobs.lock(session, job.id)
+
+
+def expire(session: Session, now: datetime) -> list[Job]:
+    """Running jobs whose lease ran out: back to queued (attempt + 1) or, past max_restarts, failed.
+
+    Returns the jobs put back in the queue, for the caller to dispatch after commit.
+    """
+    requeued = []
+    for job in jobs.expired_leases(session, now):
+        attempt = session.execute(
+            select(Attempt).where(Attempt.job_id == job.id, Attempt.n == job.attempt)
+        ).scalar_one_or_none()
+        if attempt is not None and attempt.ended_at is None:
+            attempt.ended_at, attempt.outcome = now, "lost"
+        if job.cancel_requested:
+            # The user asked to stop it anyway: losing the worker finishes the job.
+            values = jobs.finish_values(
+                "cancelled", now, stop_reason="cancelled by user (worker lost)"
+            )
+            if jobs.transition(session, job.id, "running", **values):
+                jobs.announce_end(session, job.id, "cancelled", stop_reason=values["stop_reason"])
+        elif job.attempt < job.max_restarts + 1:
+            n = job.attempt + 1
+            if jobs.transition(
+                session,
+                job.id,
+                "running",
+                status="queued",
+                attempt=n,
+                lease_expires_at=None,
+                dispatched_at=now,
+            ):
+                events.append(
+                    session,
+                    job.id,
+                    "status",
+                    {"status": "queued", "attempt": n, "reason": WORKER_LOST},
+                )
+                requeued.append(job)
+        else:
+            error = (
+                f"{WORKER_LOST}: no heartbeat within the lease on attempt {job.attempt} "
+                f"of {job.max_restarts + 1}"
+            )
+            if jobs.transition(
+                session, job.id, "running", **jobs.finish_values("failed", now, error=error)
+            ):
+                jobs.announce_end(session, job.id, "failed", error=error)
+    return requeued

@@ -1,0 +1,135 @@
+"""Job submission: check a spec against the user's datasets on the meta device, then queue it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.dispatch import Dispatcher, queue_for, send_after_commit
+from app.field_infos import from_json, to_json
+from app.models import Dataset, Job
+from app.store import datasets, jobs
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    spec: Any  # worker.spec.JobSpec
+    document: dict[str, Any]
+    summary: dict[str, Any]
+    inputs: dict[str, Any]  # input name -> FieldInfo
+    targets: dict[str, Any]  # output name -> FieldInfo
+    datasets: dict[str, Dataset]  # ref as written in the spec -> dataset
+
+
+def dataset_refs(spec: Any) -> dict[str, str]:
+    """JSON path -> dataset id, for every dataset a spec names (the service reads them as ids)."""
+    refs = {"data.train": spec.data.train}
+    if isinstance(spec.data.validation, str):
+        refs["data.validation"] = spec.data.validation
+    return refs
+
+
+def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) -> CheckedSpec:
+    """Everything that can be known before training: schema, datasets, fields, graph, shapes, size.
+
+    Raises SpecError listing the problems with their JSON paths.
+    """
+    from worker.build import build_model
+    from worker.data import resolve_fields
+    from worker.errors import DataError, SpecError, SpecIssue
+    from worker.spec import parse_spec
+
+    spec = parse_spec(body)
+    # parse_spec accepted it, so it is a JSON object; stored as written, NaN refused
+    document = json.loads(body, parse_constant=_reject_constant)
+    if spec.training.epochs > settings.max_epochs:
+        raise SpecError.at(
+            "training.epochs",
+            f"this service runs at most {settings.max_epochs} epochs, found {spec.training.epochs}",
+        )
+    refs = dataset_refs(spec)
+    found = datasets.get_many(session, user_id, set(refs.values()))
+    missing = [
+        SpecIssue(path, f"no dataset with id {ref!r}; upload one with POST /api/v1/datasets")
+        for path, ref in refs.items()
+        if ref not in found
+    ]
+    if missing:
+        raise SpecError(missing)
+    try:
+        inputs, targets = resolve_fields(spec.data, from_json(found[refs["data.train"]].fields))
+        if "data.validation" in refs:
+            _check_validation_fields(
+                spec, from_json(found[refs["data.validation"]].fields), inputs, targets
+            )
+    except DataError as exc:
+        raise SpecError.at("data", str(exc).strip().splitlines()[0]) from None
+    built = build_model(spec, inputs, targets, device="meta", max_params=settings.max_params)
+    return CheckedSpec(
+        spec=spec,
+        document=document,
+        summary=built.summary.as_dict(),
+        inputs=inputs,
+        targets=targets,
+        datasets={ref: found[ref] for ref in refs.values()},
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    from worker.errors import SpecError
+
+    # json accepts NaN and Infinity, but they are not JSON, and the database's JSON refuses them
+    raise SpecError.at("", f"{name} is not a JSON number; give a finite number")
+
+
+def _check_validation_fields(
+    spec: Any, fields: dict[str, Any], inputs: dict[str, Any], targets: dict[str, Any]
+) -> None:
+    from worker.data import resolve_fields
+    from worker.errors import SpecError, SpecIssue
+
+    try:
+        val_inputs, val_targets = resolve_fields(spec.data, fields)
+    except SpecError as exc:
+        raise SpecError(
+            [
+                SpecIssue("data.validation", f"the validation dataset: {i.message}")
+                for i in exc.issues
+            ]
+        ) from None
+    issues = [
+        SpecIssue(
+            "data.validation",
+            f"{name!r} has per-sample shape {tuple(seen[name].shape)} in the validation dataset "
+            f"but {tuple(want.shape)} in data.train",
+        )
+        for seen, expected in ((val_inputs, inputs), (val_targets, targets))
+        for name, want in expected.items()
+        if name in seen and tuple(seen[name].shape) != tuple(want.shape)
+    ]
+    if issues:
+        raise SpecError(issues)
+
+
+def submit_job(
+    session: Session, user_id: int, body: bytes, settings: Settings, dispatcher: Dispatcher
+) -> Job:
+    """Check, store as `queued`, and send the wake-up once the row is committed."""
+    checked = check_spec(session, user_id, body, settings)
+    queue = queue_for(checked.spec)
+    job = jobs.create(
+        session,
+        user_id=user_id,
+        name=checked.spec.name,
+        spec=checked.document,
+        fields={"inputs": to_json(checked.inputs), "targets": to_json(checked.targets)},
+        queue=queue,
+        max_restarts=checked.spec.max_restarts,
+        dataset_ids=[d.id for d in checked.datasets.values()],
+    )
+    send_after_commit(session, dispatcher, job.id, queue)
+    return job

@@ -1,0 +1,96 @@
+"""The reconciler: lost wake-ups are sent again, waiting ones are not; expired leases requeue.
+
+Servers of one backend share a database, so a round may also act on other tests'
+jobs: the assertions look only at this test's own.
+"""
+
+from __future__ import annotations
+
+import time
+
+from app.db import session_scope
+from app.reconciler import reconcile
+from tests.app.conftest import claim, job_spec, submit, upload
+
+
+def run_reconciler(srv):
+    with session_scope(srv.sessions) as session:
+        return reconcile(session, srv.settings, srv.app.state.dispatcher)
+
+
+def test_a_wakeup_the_broker_lost_is_sent_again_after_requeue_after_s(make_server):
+    srv = make_server(requeue_after_s=0.2)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        lost = submit(user, job_spec(dataset["id"]))
+        waiting = submit(user, job_spec(dataset["id"]))
+        # the broker loses one message; the other job is still waiting its turn
+        [message] = srv.sent_for(lost["id"])
+        message["path"].unlink()
+
+        mine = {lost["id"], waiting["id"]}
+        # too early: not unclaimed for requeue_after_s yet
+        assert not mine & set(run_reconciler(srv).resent)
+        time.sleep(0.3)
+        assert mine & set(run_reconciler(srv).resent) == {lost["id"]}
+        assert len(srv.sent_for(lost["id"])) == 1
+        assert len(srv.sent_for(waiting["id"])) == 1  # not sent twice
+
+        time.sleep(0.3)
+        assert not mine & set(run_reconciler(srv).resent)  # the broker holds both again
+
+
+def test_claimed_and_cancelled_jobs_are_not_sent_again(make_server):
+    srv = make_server(requeue_after_s=0.1)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        running = submit(user, job_spec(dataset["id"]))
+        cancelled = submit(user, job_spec(dataset["id"]))
+        claim(srv, running["id"])
+        user.post(f"/jobs/{cancelled['id']}/cancel")
+        for message in srv.broker_messages():
+            message["path"].unlink()
+        time.sleep(0.2)
+        resent = set(run_reconciler(srv).resent)
+        assert running["id"] not in resent and cancelled["id"] not in resent
+
+
+def test_the_background_reconciler_requeues_a_lost_worker(make_server):
+    srv = make_server(reconcile=True, lease_s=0.3, reconcile_interval_s=0.1)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        job = submit(user, job_spec(dataset["id"]))
+        attempt = claim(srv, job["id"])
+        deadline = time.monotonic() + 10
+        while user.get(f"/jobs/{job['id']}").json()["status"] != "queued":
+            assert time.monotonic() < deadline, "the lease never expired"
+            time.sleep(0.05)
+        assert user.get(f"/jobs/{job['id']}").json()["attempt"] == 2
+        assert attempt.post("heartbeat", {"progress": {}}).status_code == 409
+
+
+def test_a_lost_worker_of_a_job_asked_to_cancel_ends_it_cancelled(make_server):
+    srv = make_server(lease_s=0.1)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        job = submit(user, job_spec(dataset["id"]))
+        claim(srv, job["id"])
+        user.post(f"/jobs/{job['id']}/cancel")
+        time.sleep(0.15)
+        assert job["id"] not in run_reconciler(srv).requeued
+        assert user.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_the_running_jobs_limit_holds_a_job_in_the_queue(make_server):
+    srv = make_server(max_running_jobs_per_user=1)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        first = submit(user, job_spec(dataset["id"]))
+        second = submit(user, job_spec(dataset["id"]))
+        attempt = claim(srv, first["id"])
+        with srv.worker() as worker:
+            held = worker.post(f"/worker/jobs/{second['id']}/claim", json={"worker": "w:2"})
+        assert held.status_code == 409
+        assert user.get(f"/jobs/{second['id']}").json()["status"] == "queued"
+        attempt.post("finish", {"status": "succeeded", "result": {}})
+        claim(srv, second["id"])
