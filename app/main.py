@@ -9,18 +9,21 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits
 from app.api.routes import checkpoints, datasets, events, health, jobs, worker
 from app.artifacts import ArtifactStore
+from app.bootstrap import FIRST_USER
 from app.config import Settings, get_settings, with_worker_token
-from app.db import is_connection_error, make_engine, make_sessions
+from app.db import Sessions, is_connection_error, make_engine, make_sessions, session_scope
 from app.dispatch import Dispatcher
 from app.migrate import upgrade_engine
 from app.protocol import API_PREFIX
 from app.reconciler import Reconciler
+from app.store import users
 from app.telemetry import LatencyMiddleware, Telemetry
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(migrate_when_reachable, engine, settings.db_wait_s)
+        if settings.token:
+            await run_in_threadpool(ensure_admin_token, sessions, settings.token)
         artifacts.sweep_temp()
         reconciler = Reconciler(sessions, settings, dispatcher) if reconcile else None
         if reconciler:
@@ -73,6 +78,15 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.add_middleware(BodyLimits, settings=settings, prefix=API_PREFIX)
     app.add_middleware(LatencyMiddleware, telemetry=telemetry, prefix=API_PREFIX)
     return app
+
+
+def ensure_admin_token(sessions: Sessions, token: str) -> None:
+    """TORCHYARD_TOKEN logs in as the first user from the first start (deployments set it)."""
+    try:
+        with session_scope(sessions) as session:
+            users.ensure_token(session, FIRST_USER, token)
+    except IntegrityError:
+        pass  # another API process registered it at the same moment
 
 
 def migrate_when_reachable(engine: Engine, wait_s: float) -> None:

@@ -1,0 +1,337 @@
+"""The whole service end to end, with real processes as users deploy it.
+
+Two deployments:
+- `compose`: the commands and environment `docker-compose.yml` gives its `api`
+  and `worker` services, launched as local processes against the real local
+  Postgres and Redis (hostnames and ports rewritten to loopback);
+- `embedded`: `torchyard serve` (SQLite, the filesystem broker, a local folder).
+
+A user uploads data, submits, follows the SSE stream to the end, reads metrics,
+downloads the best weights and checks them against the reported best value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from app.client import ApiClient
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_DB = 7  # a database of its own, flushed before use
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require(service: str, host: str, port: int) -> None:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{service} is required in CI ({host}:{port}): {exc}")
+        pytest.skip(f"{service} not reachable on {host}:{port}: {exc}")
+
+
+@dataclass
+class Service:
+    url: str
+    token: str
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: Path | None = None
+
+    def client(self) -> ApiClient:
+        return ApiClient(self.url, self.token)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the service did not become ready:\n{self.tail()}")
+
+    def tail(self) -> str:
+        if not self.logs:
+            return ""
+        return "\n".join(p.read_text()[-3000:] for p in sorted(self.logs.glob("*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def as_local_argv(command: list[str]) -> list[str]:
+    """Compose runs `uvicorn ...` / `torchyard ...` from the image's PATH; run the same here."""
+    program, *args = command
+    modules = {"uvicorn": ["-m", "uvicorn"], "torchyard": ["-m", "app.cli"]}
+    return [sys.executable, *modules[program], *args]
+
+
+def compose_env(environment: dict[str, str], overrides: dict[str, str]) -> dict[str, str]:
+    missing = set(overrides) - set(environment)
+    assert not missing, f"docker-compose.yml no longer sets {missing}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.update({key: str(value) for key, value in environment.items()})
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="module")
+def compose_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """docker-compose.yml's api and two workers, as local processes on Postgres and Redis."""
+    require("Postgres", "127.0.0.1", 5432)
+    require("Redis", "127.0.0.1", 6379)
+    import psycopg
+    import redis
+
+    redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
+    dbname = f"torchyard_e2e_{secrets.token_hex(4)}"
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    tmp = tmp_path_factory.mktemp("compose")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    token, worker_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    shared = {
+        "TORCHYARD_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}",
+        "TORCHYARD_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "TORCHYARD_API_URL": url,
+        "TORCHYARD_WORKER_TOKEN": worker_token,
+    }
+    service = Service(url=url, token=token, logs=tmp)
+
+    api = compose["api"]
+    command = [str(part) for part in api["command"]]
+    command[command.index("--port") + 1] = str(port)
+    command[command.index("--host") + 1] = "127.0.0.1"
+    api_env = compose_env(
+        api["environment"],
+        {**shared, "TORCHYARD_TOKEN": token, "TORCHYARD_ARTIFACT_DIR": str(tmp / "artifacts")},
+    )
+    api_env["TORCHYARD_LEASE_S"] = "10"
+    service.procs["api"] = spawn(as_local_argv(command), api_env, tmp / "api.log")
+
+    worker = compose["worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for i in range(2):  # docker compose up --scale worker=2
+        env = compose_env(
+            worker["environment"], {**shared, "TORCHYARD_WORK_DIR": str(tmp / f"work{i}")}
+        )
+        argv = as_local_argv([str(part) for part in worker["command"]]) + ["--name", f"w{i}"]
+        service.procs[f"worker{i}"] = spawn(argv, env, tmp / f"worker{i}.log")
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+        with psycopg.connect(
+            host="127.0.0.1", user="postgres", dbname="test", autocommit=True
+        ) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def embedded_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """`torchyard serve` exactly as the README's quickstart runs it."""
+    tmp = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp / "home")}
+    for key in ("TORCHYARD_TOKEN", "TORCHYARD_DATABASE_URL", "TORCHYARD_BROKER_URL"):
+        env.pop(key, None)
+    proc = spawn(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, tmp / "serve.log"
+    )
+    service = Service(url=f"http://127.0.0.1:{port}", token="", procs={"serve": proc}, logs=tmp)
+    try:
+        service.wait_ready()
+        match = re.search(r"TORCHYARD_TOKEN=(\S+)", (tmp / "serve.log").read_text())
+        assert match, service.tail()
+        service.token = match.group(1)
+        yield service
+    finally:
+        service.stop()
+
+
+def short_digits_spec(train_id: str, val_id: str, epochs: int = 3) -> dict[str, Any]:
+    spec = json.loads((ROOT / "examples" / "digits_cnn.json").read_text())
+    spec["data"].update(train=train_id, validation=val_id)
+    spec["model"]["layers"] = [
+        {"type": "conv2d", "out_channels": 8, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "dropout", "p": 0.2},
+        {"type": "linear", "out_features": 10},
+    ]
+    spec["training"].update(
+        epochs=epochs, loss="cross_entropy", scheduler=None, log_every_n_steps=10
+    )
+    spec["callbacks"] = {"checkpoint": {"monitor": "val_accuracy", "mode": "max"}}
+    return spec
+
+
+def upload_digits(client: ApiClient, examples_dir: Path) -> tuple[str, str]:
+    train = client.upload(examples_dir / "data" / "digits_train.npz")
+    val = client.upload(examples_dir / "data" / "digits_val.npz")
+    assert train["fields"]["x"]["shape"] == [1, 8, 8]
+    return train["id"], val["id"]
+
+
+def val_accuracy_of(weights: Path, spec: dict[str, Any], examples_dir: Path) -> float:
+    from worker.build import build_model
+    from worker.data import describe, resolve_fields
+    from worker.spec import parse_spec
+
+    spec = {
+        **spec,
+        "data": {**spec["data"], "train": "digits_train.npz", "validation": "digits_val.npz"},
+    }
+    parsed = parse_spec(spec)
+    val = examples_dir / "data" / "digits_val.npz"
+    inputs, targets = resolve_fields(parsed.data, describe(val).fields)
+    model = build_model(parsed, inputs, targets, device="cpu").module
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    arrays = np.load(val)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(arrays["x"])).argmax(1).numpy()
+    return float((predicted == arrays["y"]).mean())
+
+
+def wait_for(predicate: Any, timeout: float = 120, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deployment", ["compose", "embedded"])
+def test_upload_submit_follow_download_matches_the_reported_best(
+    deployment, request, examples_dir, tmp_path
+):
+    service: Service = request.getfixturevalue(f"{deployment}_service")
+    client = service.client()
+    train_id, val_id = upload_digits(client, examples_dir)
+    spec = short_digits_spec(train_id, val_id)
+    job = client.submit(spec)
+    assert job["status"] == "queued"
+
+    kinds: list[str] = []
+    statuses: list[str] = []
+    for _, kind, data in client.events(job["id"]):
+        kinds.append(kind)
+        if kind == "status":
+            statuses.append(data["status"])
+    assert kinds[-1] == "end"
+    assert {"status", "metrics", "checkpoint", "log"} <= set(kinds)
+    assert statuses[:2] == ["queued", "running"] and statuses[-1] == "succeeded"
+
+    final = client.job(job["id"])
+    assert final["status"] == "succeeded", final.get("error")
+    assert final["best"]["monitor"] == "val_accuracy"
+    history = client.metrics(job["id"], ["val_accuracy", "loss"])
+    values = [p["value"] for p in history["val_accuracy"]]
+    assert len(values) == 3 and len(history["loss"]) == 3
+    assert final["best"]["value"] == max(values)
+
+    weights = client.download(job["id"], tmp_path / "best.safetensors")
+    assert val_accuracy_of(weights, spec, examples_dir) == pytest.approx(
+        final["best"]["value"], abs=1e-9
+    )
+    listed = httpx.get(
+        f"{service.url}/api/v1/jobs/{job['id']}/checkpoints",
+        headers={"Authorization": f"Bearer {service.token}"},
+    ).json()
+    import hashlib
+
+    best = [c for c in listed if c["kind"] == "best" and c["epoch"] == final["best"]["epoch"]]
+    assert best and best[0]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_cancel_a_running_job_keeps_its_best_checkpoint(compose_service, examples_dir, tmp_path):
+    client = compose_service.client()
+    train_id, val_id = upload_digits(client, examples_dir)
+    job = client.submit(short_digits_spec(train_id, val_id, epochs=500))
+    wait_for(lambda: any(c["kind"] == "best" for c in _checkpoints(compose_service, job["id"])))
+    answer = client.cancel(job["id"])
+    assert answer["status"] in ("running", "cancelled")
+    final = wait_for(
+        lambda: (
+            (j := client.job(job["id"]))["status"] in ("cancelled", "failed", "succeeded") and j
+        ),
+        timeout=60,
+    )
+    assert final["status"] == "cancelled"
+    assert client.download(job["id"], tmp_path / "w.safetensors").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_two_jobs_run_at_once_on_two_workers(compose_service, examples_dir):
+    client = compose_service.client()
+    train_id, val_id = upload_digits(client, examples_dir)
+    jobs = [client.submit(short_digits_spec(train_id, val_id, epochs=40)) for _ in range(2)]
+    ids = [j["id"] for j in jobs]
+    wait_for(lambda: all(client.job(i)["status"] == "running" for i in ids), timeout=90)
+    for i in ids:
+        client.cancel(i)
+    finals = [
+        wait_for(
+            lambda i=i: client.job(i)["status"] in ("cancelled", "succeeded") and client.job(i)
+        )
+        for i in ids
+    ]
+    assert {f["status"] for f in finals} <= {"cancelled", "succeeded"}
+
+
+def _checkpoints(service: Service, job_id: str) -> list[dict[str, Any]]:
+    response = httpx.get(
+        f"{service.url}/api/v1/jobs/{job_id}/checkpoints",
+        headers={"Authorization": f"Bearer {service.token}"},
+    )
+    return response.json() if response.status_code == 200 else []
