@@ -158,7 +158,7 @@ def compose_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servic
         env = compose_env(
             worker["environment"], {**shared, "TORCHYARD_WORK_DIR": str(tmp / f"work{i}")}
         )
-        argv = as_local_argv([str(part) for part in worker["command"]]) + ["--name", f"w{i}"]
+        argv = [*as_local_argv([str(part) for part in worker["command"]]), "--name", f"w{i}"]
         service.procs[f"worker{i}"] = spawn(argv, env, tmp / f"worker{i}.log")
     try:
         service.wait_ready()
