@@ -18,6 +18,8 @@ from kombu.exceptions import ChannelError
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from worker.settings import celery_config as worker_celery_config
+
 log = logging.getLogger(__name__)
 
 TASK_NAME = "torchyard.run_job"
@@ -34,45 +36,9 @@ def queue_for(spec: Any) -> str:
     return "gpu" if gpus == 1 else "cpu"
 
 
-def broker_folders(home: Path) -> dict[str, Path]:
-    base = Path(home).expanduser().resolve() / "broker"
-    return {"queue": base / "queue", "processed": base / "processed", "control": base / "control"}
-
-
-def celery_config(broker_url: str, home: Path) -> dict[str, Any]:
-    """The Celery settings the API and every worker share (worker/settings.py mirrors them).
-
-    For the embedded `filesystem://` broker, senders and consumers must use the
-    same folders (created here); worker/ does not import app/, hence the mirror.
-    """
-    config: dict[str, Any] = {
-        "broker_url": broker_url,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "task_serializer": "json",
-        "accept_content": ["json"],
-        "task_ignore_result": True,
-        "broker_connection_retry_on_startup": True,
-        "task_default_queue": "cpu",
-    }
-    if broker_url.startswith("filesystem://"):
-        folders = broker_folders(home)
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        config["broker_transport_options"] = {
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "processed_folder": str(folders["processed"]),
-            "control_folder": str(folders["control"]),
-            "store_processed": False,
-            "polling_interval": 0.1,
-        }
-    elif broker_url.startswith(("redis://", "rediss://")):
-        # Long training runs hold an unacked task: keep Redis from handing it to
-        # another worker mid-run (the claim would refuse it anyway).
-        config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
-    return config
+# One definition for senders (here) and consumers (worker/celery_app.py): the
+# embedded filesystem broker only works when both use the same folders.
+celery_config = worker_celery_config
 
 
 class Dispatcher:

@@ -68,7 +68,3 @@ def test_the_embedded_broker_folders_are_shared_by_sender_and_workers(tmp_path):
         == str(tmp_path / "broker" / "queue")
     )
     assert (tmp_path / "broker" / "control").is_dir()
-    from worker.settings import celery_config as worker_config
-
-    for url in ("filesystem://", "redis://127.0.0.1:6379/0"):
-        assert celery_config(url, tmp_path) == worker_config(url, tmp_path)
