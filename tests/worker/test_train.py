@@ -340,3 +340,29 @@ def test_spec_dump_round_trips_every_union_kind(load_example):
         doc, _ = load_example(name)
         spec = parse_spec(doc)
         assert parse_spec(spec.dump()) == spec
+
+
+def test_max_time_stops_the_run_with_a_reason(load_example, tmp_path):
+    doc, resolve = load_example("digits_cnn.json")
+    result = run_job(
+        parse_spec(small_digits(doc, epochs=10_000, max_time_s=1.0)), tmp_path, resolve=resolve
+    )
+    assert result.status == "succeeded"
+    assert result.stop_reason == "max_time_s 1 reached"
+    assert 1 <= result.epochs_run < 10_000
+
+
+def test_compiled_model_trains_like_the_eager_one(load_example, tmp_path):
+    doc, resolve = load_example("digits_cnn.json")
+    doc = small_digits(doc, epochs=1, max_steps=5)
+    doc["model"]["layers"] = [{"type": "flatten"}, {"type": "linear", "out_features": 10}]
+    eager = run_job(parse_spec(doc), tmp_path / "eager", resolve=resolve)
+    doc["training"]["compile"] = True
+    compiled = run_job(parse_spec(doc), tmp_path / "compiled", resolve=resolve)
+    assert compiled.status == "succeeded", compiled.error
+    a = torch.load(tmp_path / "eager" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)["model"]
+    assert set(a) == set(b)  # saved from the module itself, no `_orig_mod.` prefixes
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert eager.best_value == pytest.approx(compiled.best_value, abs=0.01)
