@@ -290,7 +290,9 @@ def serve(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--name", f"embedded{i}"], env=child_env
+            [sys.executable, "-m", "app.cli", "worker", "--name", f"embedded{i}"],
+            env=child_env,
+            preexec_fn=_die_with_parent,
         )
         for i in range(workers)
     ]
@@ -304,7 +306,14 @@ def serve(
     else:
         console.print("token: the one shown at first start, or $TORCHYARD_TOKEN", highlight=False)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        # Open SSE streams would otherwise hold a shutdown until they end.
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=3,
+        )
     finally:
         for proc in procs:
             proc.terminate()
@@ -313,6 +322,17 @@ def serve(
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker started by `serve` gets SIGTERM when serve dies, even by SIGKILL."""
+    import contextlib
+    import ctypes
+    import signal
+
+    # Not Linux: no libc.so.6, and serve's own shutdown still stops its workers.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @app.command("worker")

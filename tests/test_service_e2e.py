@@ -335,3 +335,34 @@ def _checkpoints(service: Service, job_id: str) -> list[dict[str, Any]]:
         headers={"Authorization": f"Bearer {service.token}"},
     )
     return response.json() if response.status_code == 200 else []
+
+
+def test_serve_leaves_no_worker_behind_when_killed(tmp_path):
+    """Even a SIGKILLed `serve` takes its training workers with it."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp_path / "home")}
+    proc = spawn(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, tmp_path / "serve.log"
+    )
+    service = Service(
+        url=f"http://127.0.0.1:{port}", token="", procs={"serve": proc}, logs=tmp_path
+    )
+    service.wait_ready()
+    children = subprocess.run(
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert children, "serve started no worker"
+    proc.kill()
+    proc.wait()
+
+    def gone() -> bool:
+        return all(not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid) for pid in children)
+
+    wait_for(gone, timeout=30)
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"
