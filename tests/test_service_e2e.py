@@ -274,6 +274,13 @@ def test_upload_submit_follow_download_matches_the_reported_best(
     final = client.job(job["id"])
     assert final["status"] == "succeeded", final.get("error")
     assert final["best"]["monitor"] == "val_accuracy"
+    assert final["progress"]["epochs"] == 3 and final["progress"]["step"] == 135
+    assert {"loss", "val_loss", "val_accuracy", "lr"} <= set(final["metrics"])
+    logs = httpx.get(
+        f"{service.url}/api/v1/jobs/{job['id']}/logs",
+        headers={"Authorization": f"Bearer {service.token}"},
+    ).json()["lines"]
+    assert any(line.startswith("epoch 2 of 3:") for line in logs)
     history = client.metrics(job["id"], ["val_accuracy", "loss"])
     values = [p["value"] for p in history["val_accuracy"]]
     assert len(values) == 3 and len(history["loss"]) == 3
@@ -366,3 +373,41 @@ def _state(pid: str) -> str:
         return Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return "zombie"
+
+
+@pytest.mark.slow
+def test_cli_upload_submit_follow_download(embedded_service, examples_dir, tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TORCHYARD_URL": embedded_service.url,
+        "TORCHYARD_TOKEN": embedded_service.token,
+        "COLUMNS": "200",
+    }
+
+    def torchyard(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "app.cli", *args]
+        return subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+
+    ids = []
+    for name in ("digits_train.npz", "digits_val.npz"):
+        run = torchyard("upload", str(examples_dir / "data" / name))
+        assert run.returncode == 0, run.stderr
+        ids.append(run.stdout.split()[0])
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(short_digits_spec(*ids, epochs=2)))
+    run = torchyard("submit", str(spec), "--follow")
+    assert run.returncode == 0, run.stderr
+    job_id = run.stdout.split()[0]
+    assert "succeeded" in run.stdout and "best val_accuracy" in run.stdout
+    assert "epoch 1 of 2:" in run.stdout
+    listed = torchyard("jobs")
+    assert job_id in listed.stdout
+    got = torchyard("download", job_id, "--format", "pt2", "-o", "model.pt2")
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "model.pt2").stat().st_size > 0
+    missing = torchyard("status", "no-such-job")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: no job 'no-such-job'"
