@@ -351,7 +351,9 @@ def worker_command(
     import os
 
     if gpu is not None:
+        # Before torch is imported anywhere: the worker and its children see one GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ["TORCHYARD_GPU"] = str(gpu)
     from worker.celery_app import app as celery
 
     celery.worker_main(

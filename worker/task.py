@@ -38,7 +38,7 @@ def train_in_child(
     from worker.train import run_job
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    spec = parse_spec(spec_doc)
+    spec = pin_to_worker_gpu(parse_spec(spec_doc), os.environ.get("TORCHYARD_GPU"))
     path = Path(run_dir)
     result = run_job(
         spec,
@@ -51,6 +51,14 @@ def train_in_child(
     if result.error:
         outbox.put(("log", [f"failed: {result.error}"]))
     outbox.put(("result", result.as_dict()))
+
+
+def pin_to_worker_gpu(spec: Any, gpu: str | None) -> Any:
+    """A worker started with `--gpu N` sees only that GPU, as cuda:0: `cuda:N` means it."""
+    if gpu is None or not spec.training.device.startswith("cuda"):
+        return spec
+    training = spec.training.model_copy(update={"device": "cuda"})
+    return spec.model_copy(update={"training": training})
 
 
 def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
