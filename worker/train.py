@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from worker.batches import Batches, make_batches
 from worker.build import build_model
 from worker.callbacks import (
     Callback,
@@ -37,15 +38,7 @@ from worker.callbacks import (
     atomic_write_text,
     nan_decision,
 )
-from worker.data import (
-    ArrayData,
-    Batches,
-    describe,
-    load_arrays,
-    make_batches,
-    resolve_fields,
-    split_validation,
-)
+from worker.data import ArrayData, describe, load_arrays, resolve_fields, split_validation
 from worker.errors import DataError, SpecError
 from worker.losses import CombinedLoss, target_dtype, target_shape
 from worker.metrics import MetricAccumulator

@@ -16,15 +16,12 @@ import torch
 
 from examples.make_digits import write_digits
 from examples.make_tabular import write_tabular
+from worker.batches import InMemoryBatches, StreamingBatches, epoch_order, make_batches
 from worker.data import (
     ArrayData,
     DatasetInfo,
-    InMemoryBatches,
-    StreamingBatches,
     describe,
-    epoch_order,
     load_arrays,
-    make_batches,
     read_fields,
     resolve_fields,
     split_validation,
