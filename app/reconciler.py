@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import Sessions, session_scope
 from app.dispatch import QUEUES, Dispatcher, send_after_commit
+from app.errors import DatabaseUnavailable
 from app.models import utcnow
 from app.store import attempts, jobs
 
@@ -28,8 +30,14 @@ class Report:
     resent: list[str] = field(default_factory=list)
 
 
-def reconcile(session: Session, settings: Settings, dispatch: Dispatcher) -> Report:
-    """One round; the wake-ups it decides on are sent after the session commits."""
+def reconcile(
+    session: Session, settings: Settings, dispatch: Dispatcher, *, expire_leases: bool = True
+) -> Report:
+    """One round; the wake-ups it decides on are sent after the session commits.
+
+    `expire_leases=False` skips lease expiry: the caller knows workers could not
+    reach the API (or the API its database) within the last lease.
+    """
     # Ask the broker before the first query: on SQLite the transaction holds the
     # write lock, and a slow broker must not hold up every writer.
     depths = {queue: dispatch.queue_depth(queue) for queue in QUEUES}
@@ -40,7 +48,7 @@ def reconcile(session: Session, settings: Settings, dispatch: Dispatcher) -> Rep
     for job_id, queue in _lost_wakeups(session, settings, depths, now):
         send_after_commit(session, dispatch, job_id, queue)
         report.resent.append(job_id)
-    for job in attempts.expire(session, now):
+    for job in attempts.expire(session, now) if expire_leases else []:
         send_after_commit(session, dispatch, job.id, job.queue)
         report.requeued.append(job.id)
     return report
@@ -68,7 +76,13 @@ def _lost_wakeups(
 
 
 class Reconciler:
-    """Calls `reconcile` every `interval_s` in a daemon thread until stopped."""
+    """Calls `reconcile` every `interval_s` in a daemon thread until stopped.
+
+    Leases expire only once this process has served for a whole lease: while the
+    API (or its database) was down, no worker could heartbeat, and a lease that
+    ran out meanwhile says nothing about the worker. Each gets a full lease to
+    deliver what it buffered before its job is taken from it.
+    """
 
     def __init__(self, sessions: Sessions, settings: Settings, dispatch: Dispatcher):
         self.sessions = sessions
@@ -85,11 +99,16 @@ class Reconciler:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        serving_since = time.monotonic()
         while not self._stop.wait(self.settings.reconcile_interval_s):
+            expire = time.monotonic() - serving_since >= self.settings.lease_s
             try:
                 with session_scope(self.sessions) as session:
-                    report = reconcile(session, self.settings, self.dispatch)
+                    report = reconcile(session, self.settings, self.dispatch, expire_leases=expire)
                 if report.requeued or report.resent:
                     log.info("reconciler: requeued %s, re-sent %s", report.requeued, report.resent)
+            except DatabaseUnavailable:
+                serving_since = time.monotonic()  # nor could workers report: a fresh lease
+                log.warning("reconciler: database unavailable")
             except Exception:  # a bad round must not end the thread; the next one retries
                 log.exception("reconciler round failed")

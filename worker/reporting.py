@@ -208,7 +208,9 @@ class Uploader:
         except ApiUnavailable as exc:
             log.warning("API unreachable, buffering reports: %s", exc)
             self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, 10.0)
+            # Retry at least thrice a lease, so a report lands within the grace
+            # the API gives workers after it (or its database) comes back.
+            self._backoff = min(self._backoff * 2, 10.0, self.heartbeat_every)
         except StaleAttempt:
             log.warning("job %s: this attempt is stale; stopping", self.job_id)
             self.stale = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from app.db import session_scope
-from app.reconciler import reconcile
+from app.reconciler import Reconciler, reconcile
 from tests.app.conftest import claim, job_spec, submit, upload
 
 
@@ -94,3 +94,26 @@ def test_the_running_jobs_limit_holds_a_job_in_the_queue(make_server):
         assert user.get(f"/jobs/{second['id']}").json()["status"] == "queued"
         attempt.post("finish", {"status": "succeeded", "result": {}})
         claim(srv, second["id"])
+
+
+def test_a_lease_that_ran_out_while_the_api_was_down_gets_a_full_lease_after(make_server):
+    """No worker could heartbeat while the API was down: its first rounds expire nothing."""
+    srv = make_server(lease_s=0.3)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        job = submit(user, job_spec(dataset["id"]))
+        attempt = claim(srv, job["id"])
+        time.sleep(0.4)  # the lease ran out with no reconciler running: the API was down
+        settings = srv.settings.model_copy(update={"lease_s": 1.5, "reconcile_interval_s": 0.05})
+        reconciler = Reconciler(srv.sessions, settings, srv.app.state.dispatcher)
+        reconciler.start()  # the API is back
+        try:
+            time.sleep(0.5)
+            assert user.get(f"/jobs/{job['id']}").json()["status"] == "running"
+            assert attempt.post("heartbeat", {"progress": {}}).status_code == 200  # reports in
+            deadline = time.monotonic() + 10  # silent from now on: expired after the grace
+            while user.get(f"/jobs/{job['id']}").json()["status"] != "queued":
+                assert time.monotonic() < deadline, "the lease never expired"
+                time.sleep(0.05)
+        finally:
+            reconciler.stop()
