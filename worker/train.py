@@ -569,10 +569,11 @@ def run_job(
         result = trainer.fit(resume_from=resume_from)
     except (SpecError, DataError, RunFailed) as exc:
         result = _failed(trainer, started, one_line(exc))
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
+        memory = "GPU memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "memory"
         result = _failed(
-            trainer, started, f"out of GPU memory{where} (batch_size {spec.data.batch_size})"
+            trainer, started, f"out of {memory}{where} (batch_size {spec.data.batch_size})"
         )
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
         where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
