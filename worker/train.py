@@ -577,7 +577,12 @@ def run_job(
         )
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
         where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
-        result = _failed(trainer, started, f"training failed{where}: {one_line(exc)}")
+        # torch's CPU allocator raises a plain RuntimeError when memory runs out.
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+            reason = f"out of memory{where} (batch_size {spec.data.batch_size}): {one_line(exc)}"
+        else:
+            reason = f"training failed{where}: {one_line(exc)}"
+        result = _failed(trainer, started, reason)
     atomic_write_text(run_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
     return result
 
