@@ -55,8 +55,19 @@ class Settings(BaseSettings):
     db_wait_s: float = Field(
         default=30, ge=0, description="How long startup waits for the database"
     )
+    token_cache_s: float = Field(
+        default=5,
+        ge=0,
+        description="How long an API process trusts a user token it verified (0: ask every time)",
+    )
 
     max_upload_bytes: int = Field(default=GIB, ge=1, description="Largest dataset upload")
+    max_unpacked_bytes: int = Field(
+        default=8 * GIB,
+        ge=1,
+        description="Largest dataset once unpacked (NPZ members, Parquet columns): "
+        "a zip bomb is refused from its index, before anything is inflated",
+    )
     max_spec_bytes: int = Field(default=MIB, ge=1, description="Largest job spec document")
     max_epochs: int = Field(default=100_000, ge=1, description="Most epochs a job may ask for")
     max_running_jobs_per_user: int | None = Field(

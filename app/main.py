@@ -15,10 +15,20 @@ from starlette.concurrency import run_in_threadpool
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits
 from app.api.routes import checkpoints, datasets, events, health, jobs, worker
+from app.api.schemas import ERROR_RESPONSES
+from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
 from app.bootstrap import FIRST_USER
 from app.config import Settings, get_settings, with_worker_token
-from app.db import Sessions, is_connection_error, make_engine, make_sessions, session_scope
+from app.db import (
+    Sessions,
+    is_connection_error,
+    make_engine,
+    make_read_sessions,
+    make_sessions,
+    read_engine,
+    session_scope,
+)
 from app.dispatch import Dispatcher
 from app.migrate import upgrade_engine
 from app.protocol import API_PREFIX
@@ -63,15 +73,19 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
+    app.state.read_engine = read_engine(engine)
+    app.state.read_sessions = make_read_sessions(engine)
     app.state.artifacts = artifacts
     app.state.dispatcher = dispatcher
     app.state.telemetry = telemetry
+    app.state.token_cache = TokenCache(settings.token_cache_s)
 
     install_error_handlers(app)
-    for module in (health, datasets, jobs, events, checkpoints):
-        app.include_router(module.router, prefix=API_PREFIX)
-    app.include_router(worker.claims, prefix=API_PREFIX)
-    app.include_router(worker.router, prefix=API_PREFIX)
+    app.include_router(health.router, prefix=API_PREFIX)
+    for router in (datasets.router, jobs.router, events.router, checkpoints.router):
+        app.include_router(router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
+    app.include_router(worker.claims, prefix=API_PREFIX, responses=ERROR_RESPONSES)
+    app.include_router(worker.router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     # the conventional unprefixed probes, for load balancers and Prometheus
     app.include_router(health.router, include_in_schema=False)
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -182,6 +183,34 @@ class MetricPoint(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     value: Mapped[float | None]  # None stands for NaN/Inf (JSON and SQLite cannot hold them)
     time: Mapped[float]
+
+
+class MetricRollup(Base):
+    """One bucket of 2**level steps of a series: its first, last, lowest and highest point
+    (app/store/metric_rollups.py keeps them, for downsampled reads)."""
+
+    __tablename__ = "metric_rollups"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # step >> level
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    first_epoch: Mapped[int] = mapped_column(Integer)
+    first_value: Mapped[float | None]
+    first_time: Mapped[float]
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    last_epoch: Mapped[int] = mapped_column(Integer)
+    last_value: Mapped[float | None]
+    last_time: Mapped[float]
+    low_step: Mapped[int] = mapped_column(BigInteger)
+    low_epoch: Mapped[int] = mapped_column(Integer)
+    low_value: Mapped[float | None]
+    low_time: Mapped[float]
+    high_step: Mapped[int] = mapped_column(BigInteger)
+    high_epoch: Mapped[int] = mapped_column(Integer)
+    high_value: Mapped[float | None]
+    high_time: Mapped[float]
 
 
 class Checkpoint(Base):

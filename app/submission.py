@@ -46,6 +46,7 @@ def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) 
     spec = parse_spec(body)
     # parse_spec accepted it, so it is a JSON object; stored as written, NaN refused
     document = json.loads(body, parse_constant=_reject_constant)
+    _reject_nul(document)
     if spec.training.epochs > settings.max_epochs:
         raise SpecError.at(
             "training.epochs",
@@ -84,6 +85,25 @@ def _reject_constant(name: str) -> Any:
 
     # json accepts NaN and Infinity, but they are not JSON, and the database's JSON refuses them
     raise SpecError.at("", f"{name} is not a JSON number; give a finite number")
+
+
+def _reject_nul(document: Any) -> None:
+    from worker.errors import SpecError, format_path
+
+    # A NUL character is never meaningful in a spec, and PostgreSQL cannot store one.
+    # A loop, not recursion: the document may be nested as deep as json allows.
+    stack: list[tuple[Any, list[str | int]]] = [(document, [])]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str) and "\x00" in value:
+            raise SpecError.at(format_path(path), "contains a NUL character (\\u0000)")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in key:
+                    raise SpecError.at(format_path(path), f"key {key!r} contains a NUL character")
+                stack.append((item, [*path, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*path, i]) for i, item in enumerate(value))
 
 
 def _check_validation_fields(

@@ -30,6 +30,7 @@ def upload_dataset(
     filename: str | None,
     source: BinaryIO,
     max_bytes: int,
+    max_unpacked_bytes: int,
 ) -> Dataset:
     """Store, describe and record one dataset file; nothing is kept when any step fails."""
     from worker.data import describe
@@ -49,9 +50,10 @@ def upload_dataset(
         path = artifacts.commit(temp, relative)
     try:
         try:
-            info = describe(path)
+            info = describe(path, max_bytes=max_unpacked_bytes)
         except DataError as exc:
-            raise Unprocessable(_one_line(exc)) from None
+            # The reader names the stored file (data.npz); the client knows its own name.
+            raise Unprocessable(_one_line(exc).replace(path.name, name, 1)) from None
         except Exception as exc:  # a reader library choking on a malformed file
             raise Unprocessable(f"cannot read {name!r} as {suffix[1:]}: {_one_line(exc)}") from None
         with session_scope(sessions) as session:

@@ -539,6 +539,8 @@ def parse_spec(document: str | bytes | dict[str, Any]) -> JobSpec:
             ) from None
         except RecursionError:
             raise SpecError([SpecIssue("", "JSON nested too deeply")]) from None
+        except ValueError as exc:  # an integer past Python's 4300-digit limit; bad UTF-8
+            raise SpecError([SpecIssue("", f"malformed JSON: {exc}")]) from None
     if not isinstance(document, dict):
         raise SpecError(
             [SpecIssue("", f"a job spec is a JSON object, found {type(document).__name__}")]

@@ -4,35 +4,47 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
 from app.config import Settings
-from app.db import Sessions, session_scope
+from app.db import Sessions, read_scope, session_scope
 from app.dispatch import Dispatcher
 from app.errors import NotFound, Unauthorized
-from app.models import Job, User
+from app.ids import hash_token
+from app.models import Job
 from app.store import attempts, jobs, users
 from app.store.attempts import AttemptRef
+from app.store.users import UserRef
+
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` in the
+# thread pool, and a thread hop costs more than reading an attribute.
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _sessions(request: Request) -> Sessions:
+async def _sessions(request: Request) -> Sessions:
     return request.app.state.sessions
 
 
-def _artifacts(request: Request) -> ArtifactStore:
+async def _read_sessions(request: Request) -> Sessions:
+    return request.app.state.read_sessions
+
+
+async def _artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
-def _dispatcher(request: Request) -> Dispatcher:
+async def _dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
@@ -40,6 +52,8 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 # The session factory, for routes that do slow work (file I/O, exports) and must
 # not hold a transaction (on SQLite, the write lock) while they do it.
 SessionsDep = Annotated[Sessions, Depends(_sessions)]
+# Sessions for a single-statement read (app.db.make_read_sessions): auth and ownership checks.
+ReadSessionsDep = Annotated[Sessions, Depends(_read_sessions)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(_artifacts)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 
@@ -65,29 +79,53 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-def _current_user(sessions: SessionsDep, credentials: Credentials) -> User:
-    # Its own short transaction: a streaming route must not keep one open.
-    raw = _token(credentials)
-    with session_scope(sessions) as session:
-        user = users.user_for_token(session, raw)
+# The two dependencies of every user request read app.state themselves rather than
+# through SessionsDep-like parameters: each dependency FastAPI solves costs time.
+
+
+async def _current_user(request: Request, credentials: Credentials) -> UserRef:
+    """The token's user: from this process's token cache, else from the database."""
+    digest = hash_token(_token(credentials))
+    cache: TokenCache = request.app.state.token_cache
+    user = cache.get(digest)
     if user is None:
-        raise Unauthorized("invalid token")
+        sessions = request.app.state.read_sessions
+        user = await run_in_threadpool(_user_for_token, sessions, digest)
+        if user is None:
+            raise Unauthorized("invalid token")
+        cache.put(digest, user)
     return user
 
 
-CurrentUser = Annotated[User, Depends(_current_user)]
+def _user_for_token(sessions: Sessions, token_hash: str) -> UserRef | None:
+    # Its own short transaction: a streaming route must not keep one open.
+    with session_scope(sessions) as session:
+        return users.user_for_token(session, token_hash)
+
+
+CurrentUser = Annotated[UserRef, Depends(_current_user)]
 # For `APIRouter(dependencies=[UserAuth])`: the same callable as CurrentUser, so a
 # route that also asks for the user gets the cached one.
 UserAuth = Depends(_current_user)
 
 
-def _owned_job(job_id: str, user: CurrentUser, sessions: SessionsDep) -> Job:
-    """The job in the path if it is the caller's (404 otherwise), read in its own transaction."""
-    with session_scope(sessions) as session:
+def _owned_job(request: Request, job_id: str, user: CurrentUser) -> Job:
+    """The job in the path if it is the caller's (404 otherwise), read on its own (one statement)."""
+    with session_scope(request.app.state.read_sessions) as session:
         return jobs.get(session, user.id, job_id)
 
 
 OwnedJob = Annotated[Job, Depends(_owned_job)]
+
+
+def _shown_job(request: Request, job_id: str, user: CurrentUser) -> Row[Any]:
+    """OwnedJob as the job's answer shows it (`app.store.jobs.view`): the hot path of
+    GET /jobs/{id}, one statement on a pooled connection, no ORM session."""
+    with read_scope(request.app.state.read_engine) as connection:
+        return jobs.view(connection, user.id, job_id)
+
+
+ShownJob = Annotated[Row[Any], Depends(_shown_job)]
 
 
 def _worker_secret(settings: SettingsDep, credentials: Credentials) -> None:
@@ -102,7 +140,7 @@ WorkerAuth = Depends(_worker_secret)
 
 
 def _worker_attempt(
-    request: Request, sessions: SessionsDep, credentials: Credentials
+    request: Request, sessions: ReadSessionsDep, credentials: Credentials
 ) -> AttemptRef:
     """The caller's attempt: 401 for an unknown token, 409 'stale attempt' for an old one."""
     raw = _token(credentials)

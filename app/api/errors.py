@@ -6,10 +6,14 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError as DatabaseDataError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from app.db import is_connection_error
 from app.errors import DatabaseUnavailable, ServiceError
@@ -26,6 +30,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SpecError, _spec_error)
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(DatabaseDataError, _unstorable_value)
     for lost_database in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(lost_database, _database_lost)
     app.add_exception_handler(Exception, _unexpected)
@@ -64,6 +70,24 @@ def _issue(error: dict[str, Any]) -> dict[str, str]:
         "path": format_path(part for part in error.get("loc", ()) if isinstance(part, str | int)),
         "message": message,
     }
+
+
+async def _http_error(request: Request, exc: Exception) -> Any:
+    assert isinstance(exc, HTTPException)
+    limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+    if exc.status_code == 413 and isinstance(limit, int):
+        # Starlette's body limiter cut off a body sent without Content-Length: say the limit.
+        detail = f"request body exceeds the limit of {limit:,} bytes"
+        return JSONResponse({"detail": detail}, status_code=413)
+    return await http_exception_handler(request, exc)
+
+
+def _unstorable_value(_request: Request, exc: Exception) -> JSONResponse:
+    # A value the database refuses (PostgreSQL: a NUL character in text, a number out of range).
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    detail = f"a value in the request cannot be stored: {lines[0] if lines else 'refused'}"
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def _database_lost(request: Request, _exc: Exception) -> JSONResponse:

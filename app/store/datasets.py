@@ -9,6 +9,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
+from app.ids import is_id
 from app.models import ACTIVE_STATUSES, Dataset, Job, JobDataset
 
 
@@ -42,7 +43,8 @@ def create(
 
 
 def get(session: Session, user_id: int, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
+    # Not an id at all ('..', a NUL byte): absent, without asking the database.
+    dataset = session.get(Dataset, dataset_id) if is_id(dataset_id) else None
     if dataset is None or dataset.user_id != user_id:
         raise NotFound(f"no dataset {dataset_id!r}")
     return dataset
@@ -55,11 +57,12 @@ def list_for_user(session: Session, user_id: int) -> list[Dataset]:
 
 def get_many(session: Session, user_id: int, dataset_ids: Collection[str]) -> dict[str, Dataset]:
     """The user's datasets among `dataset_ids`, share-locked so none is deleted under a new job."""
+    dataset_ids = [d for d in dataset_ids if is_id(d)]
     if not dataset_ids:
         return {}
     stmt = (
         select(Dataset)
-        .where(Dataset.id.in_(list(dataset_ids)), Dataset.user_id == user_id)
+        .where(Dataset.id.in_(dataset_ids), Dataset.user_id == user_id)
         .with_for_update(read=True)
     )
     return {d.id: d for d in session.execute(stmt).scalars()}
@@ -67,6 +70,8 @@ def get_many(session: Session, user_id: int, dataset_ids: Collection[str]) -> di
 
 def delete_unused(session: Session, user_id: int, dataset_id: str) -> Dataset:
     """Delete the row (the caller removes the file after commit); 409 while a job needs it."""
+    if not is_id(dataset_id):
+        raise NotFound(f"no dataset {dataset_id!r}")
     stmt = (
         select(Dataset)
         .where(Dataset.id == dataset_id, Dataset.user_id == user_id)
@@ -90,6 +95,8 @@ def delete_unused(session: Session, user_id: int, dataset_id: str) -> Dataset:
 
 def for_job(session: Session, job_id: str, dataset_id: str) -> Dataset:
     """A dataset a job was submitted with (what its worker may download)."""
+    if not is_id(dataset_id):
+        raise NotFound(f"no dataset {dataset_id!r} for this job")
     stmt = (
         select(Dataset)
         .join(JobDataset, JobDataset.dataset_id == Dataset.id)

@@ -11,11 +11,11 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
-from app.ids import new_id
+from app.ids import is_id, new_id
 from app.models import TERMINAL_STATUSES, Job, JobDataset, User, utcnow
 from app.store import events
 
@@ -53,9 +53,54 @@ def create(
     return job
 
 
+JOBS = Job.__table__
+# What a job's answer shows (JobOut), as a row: polling GET /jobs/{id} is the API's
+# hottest read. The statement is built once (a fresh select() per call, and ORM
+# loading, cost more Python than Postgres spends answering the query).
+SHOWN = (
+    "id",
+    "name",
+    "status",
+    "queue",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "attempt",
+    "max_restarts",
+    "cancel_requested",
+    "error",
+    "progress",
+    "latest_metrics",
+    "best_epoch",
+    "best_monitor",
+    "best_value",
+    "stopped_early",
+    "stop_reason",
+    "spec",
+)
+_SHOWN_BY_ID = select(*(JOBS.c[name] for name in SHOWN)).where(
+    JOBS.c.id == bindparam("job_id"), JOBS.c.user_id == bindparam("user_id")
+)
+
+
+def view(db: Connection | Session, user_id: int, job_id: str) -> Row[Any]:
+    """The user's job as its answer shows it (columns SHOWN), in one indexed read.
+
+    Another user's job is as absent as a missing one (NotFound).
+    """
+    row = None
+    if is_id(job_id):
+        params = {"job_id": job_id, "user_id": user_id}
+        row = db.execute(_SHOWN_BY_ID, params).one_or_none()
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    return row
+
+
 def get(session: Session, user_id: int, job_id: str) -> Job:
     """The user's job; another user's job is as absent as a missing one."""
-    job = session.get(Job, job_id, populate_existing=True)
+    # Not an id at all ('..', a NUL byte): absent, without asking the database.
+    job = session.get(Job, job_id, populate_existing=True) if is_id(job_id) else None
     if job is None or job.user_id != user_id:
         raise NotFound(f"no job {job_id!r}")
     return job
@@ -63,6 +108,8 @@ def get(session: Session, user_id: int, job_id: str) -> Job:
 
 def lock(session: Session, job_id: str) -> Job:
     """Read the job under its row lock (Postgres; SQLite's write transaction excludes others)."""
+    if not is_id(job_id):
+        raise NotFound(f"no job {job_id!r}")
     stmt = (
         select(Job)
         .where(Job.id == job_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -10,6 +12,15 @@ from app.ids import hash_token, new_token
 from app.models import Token, User
 
 TOKEN_PREFIX = "ty"
+
+
+@dataclass(frozen=True)
+class UserRef:
+    """Who is calling, as a user token says: plain values, safe outside a session."""
+
+    id: int
+    name: str
+    admin: bool
 
 
 def get_by_name(session: Session, name: str) -> User | None:
@@ -60,9 +71,11 @@ def ensure_token(session: Session, name: str, raw_token: str, admin: bool = True
     return user
 
 
-def user_for_token(session: Session, raw_token: str) -> User | None:
-    return session.execute(
-        select(User)
+def user_for_token(session: Session, token_hash: str) -> UserRef | None:
+    """The user a token (given by its sha256, `app.ids.hash_token`) belongs to; None if unknown."""
+    row = session.execute(
+        select(User.id, User.name, User.admin)
         .join(Token, Token.user_id == User.id)
-        .where(Token.token_hash == hash_token(raw_token))
-    ).scalar_one_or_none()
+        .where(Token.token_hash == token_hash)
+    ).one_or_none()
+    return None if row is None else UserRef(id=row.id, name=row.name, admin=row.admin)

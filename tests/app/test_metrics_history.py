@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import math
+import random
+import secrets
+from typing import Any
 
+from sqlalchemy import MetaData, Table, insert, select
+
+from app.db import make_engine, make_sessions, session_scope
+from app.migrate import upgrade
+from app.models import MetricRollup, utcnow
+from app.store import metric_rollups
 from tests.app.conftest import claim, points
 
 
@@ -16,6 +25,44 @@ def test_history_filters_by_name_and_step(server, user, queued_job):
     assert list(only) == ["val_loss"]
     assert [p["step"] for p in only["val_loss"]] == [7, 8, 9]
     assert set(only["val_loss"][0]) == {"step", "epoch", "value", "time"}
+
+
+def expected(
+    series: list[dict[str, Any]], max_points: int, since_step: int | None = None
+) -> list[dict[str, Any]]:
+    """The downsampling contract, by brute force: buckets of 2**k aligned steps, the
+    smallest k giving at most max_points // 4 of them over the series' steps; each
+    keeps its first, last, lowest and highest point (nulls last, ties: earliest)."""
+    kept = [p for p in series if since_step is None or p["step"] > since_step]
+    if len(kept) <= max_points:
+        return kept
+    lo, hi, k = kept[0]["step"], kept[-1]["step"], 0
+    while (hi >> k) - (lo >> k) + 1 > max_points // 4:
+        k += 1
+    buckets: dict[int, list[dict[str, Any]]] = {}
+    for p in kept:
+        buckets.setdefault(p["step"] >> k, []).append(p)
+    out = []
+    for chunk in buckets.values():
+        known = [p for p in chunk if p["value"] is not None] or chunk
+        lowest = min(known, key=lambda p: (p["value"] or 0.0, p["step"]))
+        highest = min(known, key=lambda p: (-(p["value"] or 0.0), p["step"]))
+        picks = {p["step"]: p for p in (chunk[0], chunk[-1], lowest, highest)}
+        out += sorted(picks.values(), key=lambda p: p["step"])
+    return out
+
+
+def stored(values: list[float | None], start: int = 0) -> list[dict[str, Any]]:
+    """The points as the API answers them (NaN comes back as null)."""
+    return [
+        {
+            "step": start + i,
+            "epoch": 0,
+            "value": None if v is None or not math.isfinite(v) else v,
+            "time": 1_700_000_000.0 + start + i,
+        }
+        for i, v in enumerate(values)
+    ]
 
 
 def test_downsampling_keeps_the_ends_and_the_extremes_of_each_bucket(server, user, queued_job):
@@ -38,19 +85,138 @@ def test_downsampling_keeps_the_ends_and_the_extremes_of_each_bucket(server, use
     assert 517 in steps and 733 in steps
     assert max(p["value"] for p in sampled) == 50.0
     assert min(p["value"] for p in sampled) == -50.0
-    # each of the 10 buckets of 100 steps keeps its first, last, lowest and highest point
-    for bucket in range(10):
-        chunk = full[bucket * 100 : (bucket + 1) * 100]
-        kept = {p["step"] for p in sampled if bucket * 100 <= p["step"] < (bucket + 1) * 100}
+    # 40 points are 10 buckets: the aligned buckets of 128 steps (8 of them) each
+    # keep their first, last, lowest and highest point
+    for bucket in range(8):
+        chunk = full[bucket * 128 : (bucket + 1) * 128]
+        kept = {p["step"] for p in sampled if bucket * 128 <= p["step"] < (bucket + 1) * 128}
         lowest = min(chunk, key=lambda p: p["value"])["step"]
         highest = max(chunk, key=lambda p: p["value"])["step"]
         assert {chunk[0]["step"], chunk[-1]["step"], lowest, highest} == kept
+    assert sampled == expected(full, 40)
 
     # a series already short enough comes back whole
     assert len(user.get(url, params={"max_points": 5000}).json()["loss"]) == n
     assert user.get(url, params={"max_points": 2}).status_code == 422
 
 
+def test_downsampling_is_the_same_for_any_batching_and_retried_batches(server, user, dataset):
+    """Rollups are kept on ingest: batches in any order, retried or overlapping, give the
+    same answer as the whole series at once, and as the contract computed by brute force."""
+    from tests.app.conftest import job_spec, submit
+
+    rng = random.Random(7)
+    n = 6000
+    values: list[float | None] = [rng.gauss(0, 1) for _ in range(n)]
+    # null is how NaN and Inf are stored: never the lowest or highest of a bucket
+    # that has a number
+    for i in rng.sample(range(n), 60):
+        values[i] = None
+    values[4096:4112] = [None] * 16  # a whole bucket at the finest width
+    series = stored(values)
+
+    whole = claim(server, submit(user, job_spec(dataset["id"]))["id"])
+    assert whole.post("metrics", {"points": points(*values)}).json()["inserted"] == n
+
+    pieces = claim(server, submit(user, job_spec(dataset["id"]))["id"])
+    # batches of 500..700 points every 500 steps: each overlaps the next one
+    batches = [(start, rng.randint(500, 700)) for start in range(0, n, 500)]
+    rng.shuffle(batches)
+    inserted = 0
+    for start, size in batches:
+        body = {"points": points(*values[start : start + size], start=start)}
+        inserted += pieces.post("metrics", body).json()["inserted"]
+        assert pieces.post("metrics", body).json()["inserted"] == 0  # a retry stores nothing
+    assert inserted == n
+
+    for max_points in (4, 40, 1000, 5999, 6000):
+        for since_step in (None, -1, 0, 1234, 4097, 5990):
+            params: dict[str, Any] = {"max_points": max_points}
+            if since_step is not None:
+                params["since_step"] = since_step
+            want = expected(series, max_points, since_step)
+            for attempt in (whole, pieces):
+                got = user.get(f"/jobs/{attempt.job_id}/metrics", params=params).json()
+                assert got.get("loss", []) == want, (max_points, since_step)
+
+
+def test_downsampled_history_lists_every_metric_when_no_names_are_given(server, user, queued_job):
+    attempt = claim(server, queued_job["id"])
+    attempt.post("metrics", {"points": points(*range(300)) + points(*range(3), name="lr")})
+    got = user.get(f"/jobs/{queued_job['id']}/metrics", params={"max_points": 100}).json()
+    assert set(got) == {"loss", "lr"}
+    assert len(got["lr"]) == 3 and 4 < len(got["loss"]) <= 100
+
+
 def test_metrics_of_another_users_job_are_404(server, queued_job):
     with server.new_user() as other:
         assert other.get(f"/jobs/{queued_job['id']}/metrics").status_code == 404
+
+
+def test_the_migration_builds_rollups_of_points_stored_before_it(postgres, tmp_path):
+    """Points stored under schema 0001 get their rollups from 0002's backfill, exactly the
+    rows ingest would have kept."""
+    urls = {"sqlite": f"sqlite:///{tmp_path / 'old.db'}"}
+    name = f"torchyard_backfill_{secrets.token_hex(4)}"
+    urls["postgres"] = postgres.create(name)
+    rng = random.Random(3)
+    values = [
+        rng.choice([rng.gauss(0, 1), None]) if i % 7 == 0 else rng.gauss(0, 1) for i in range(5000)
+    ]
+    try:
+        for url in urls.values():
+            upgrade(url, "0001")
+            engine = make_engine(url)
+            try:
+                with session_scope(make_sessions(engine)) as session:
+                    session.execute(insert(_table(session, "users")).values(_old_user()))
+                    session.execute(insert(_table(session, "jobs")).values(_old_job("j1")))
+                    rows = [
+                        {"job_id": "j1", "name": metric, **p}
+                        for metric in ("loss", "acc")
+                        for p in stored(values)
+                    ]
+                    session.execute(insert(_table(session, "metric_points")), rows)
+                upgrade(url)
+                with session_scope(make_sessions(engine)) as session:
+                    backfilled = _rollups(session)
+                    session.execute(MetricRollup.__table__.delete())
+                    metric_rollups.add(session, "j1", rows)
+                    assert backfilled == _rollups(session)
+                    assert len(backfilled) > 2 * 5000 // 16
+            finally:
+                engine.dispose()
+    finally:
+        postgres.drop(name)
+
+
+def _table(session: Any, name: str) -> Table:
+    """Schema 0001's table as the database has it, whatever the models have become since."""
+    return Table(name, MetaData(), autoload_with=session.connection())
+
+
+def _old_user() -> dict[str, Any]:
+    return {"id": 1, "name": "old", "admin": False, "created_at": utcnow()}
+
+
+def _old_job(job_id: str) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "user_id": 1,
+        "name": "old",
+        "status": "succeeded",
+        "spec": {},
+        "fields": {},
+        "queue": "cpu",
+        "attempt": 1,
+        "max_restarts": 0,
+        "created_at": utcnow(),
+        "cancel_requested": False,
+        "latest_metrics": {},
+        "stopped_early": False,
+    }
+
+
+def _rollups(session: Any) -> list[tuple[Any, ...]]:
+    table = MetricRollup.__table__
+    return [tuple(row) for row in session.execute(select(table).order_by(*table.primary_key))]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.api.deps import ArtifactsDep, OwnedJob, SessionDep, SessionsDep, UserAuth
 from app.api.files import checkpoint_response
-from app.api.schemas import CheckpointOut
+from app.api.schemas import MAX_INT32, CheckpointOut
 from app.db import session_scope
 from app.exports import ExportFormat
 from app.store import checkpoints
@@ -48,7 +48,7 @@ def download_best(
 def download(
     request: Request,
     job: OwnedJob,
-    checkpoint_id: int,
+    checkpoint_id: Annotated[int, Path(ge=1, le=MAX_INT32)],
     sessions: SessionsDep,
     artifacts: ArtifactsDep,
     fmt: FormatQuery = None,

@@ -29,6 +29,7 @@ def upload(
         filename=file.filename,
         source=file.file,
         max_bytes=settings.max_upload_bytes,
+        max_unpacked_bytes=settings.max_unpacked_bytes,
     )
     return DatasetOut.of(dataset)
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnedJob, SessionsDep, UserAuth
+from app.api.schemas import MAX_INT64
 from app.event_stream import sse_frames
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
@@ -23,11 +24,15 @@ def job_events(
     sessions: SessionsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     after: Annotated[
-        int | None, Query(ge=0, description="Like Last-Event-ID, for clients that cannot set it")
+        int | None,
+        Query(ge=0, le=MAX_INT64, description="Like Last-Event-ID, for clients that cannot set it"),
     ] = None,
 ) -> StreamingResponse:
     """`status`, `metrics`, `checkpoint`, `log` events as stored; `end` after a terminal status."""
-    start = after or (int(last_event_id) if last_event_id and last_event_id.isdigit() else 0)
+    if not after and last_event_id and last_event_id.isdigit():
+        # no event id is larger than the column holds: a larger one means "after all of them"
+        after = min(int(last_event_id), MAX_INT64)
+    start = after or 0
     return StreamingResponse(
         sse_frames(sessions, job.id, start), media_type="text/event-stream", headers=STREAM_HEADERS
     )

@@ -8,8 +8,24 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.api.deps import CurrentUser, DispatcherDep, OwnedJob, SessionDep, SettingsDep, UserAuth
-from app.api.schemas import JobOut, JobPage, JobSummary, LogsOut, MetricPointOut, ValidateOut
+from app.api.deps import (
+    CurrentUser,
+    DispatcherDep,
+    OwnedJob,
+    SessionDep,
+    SettingsDep,
+    ShownJob,
+    UserAuth,
+)
+from app.api.schemas import (
+    MAX_INT64,
+    JobOut,
+    JobPage,
+    JobSummary,
+    LogsOut,
+    MetricPointOut,
+    ValidateOut,
+)
 from app.errors import BadRequest
 from app.ids import is_id
 from app.store import events, jobs, metrics
@@ -92,7 +108,8 @@ def _decode(cursor: str | None) -> str | None:
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job: OwnedJob) -> JobOut:
+async def get_job(job: ShownJob) -> JobOut:
+    # async: no I/O left here (ShownJob read the row), so no thread hop for it
     return JobOut.of(job)
 
 
@@ -110,7 +127,7 @@ def metric_history(
         str | None, Query(description="Comma-separated metric names; all when absent")
     ] = None,
     since_step: Annotated[
-        int | None, Query(ge=-1, description="Only points with step > since_step")
+        int | None, Query(ge=-1, le=MAX_INT64, description="Only points with step > since_step")
     ] = None,
     max_points: Annotated[
         int | None,

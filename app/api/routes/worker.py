@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 
 from app.api.deps import (
     ArtifactsDep,
@@ -17,6 +17,8 @@ from app.api.deps import (
 )
 from app.api.files import file_response
 from app.api.schemas import (
+    MAX_INT32,
+    MAX_INT64,
     CancelOut,
     CheckpointOut,
     ClaimIn,
@@ -84,8 +86,7 @@ def post_metrics(
     body: MetricsIn, ref: WorkerAttempt, session: SessionDep, settings: SettingsDep
 ) -> MetricsOut:
     """Idempotent: points are keyed by (job, name, step). Also a heartbeat."""
-    points = [p.model_dump() for p in body.points]
-    inserted, cancel = record_metrics(session, ref, points, settings.lease_s)
+    inserted, cancel = record_metrics(session, ref, list(body.points), settings.lease_s)
     return MetricsOut(inserted=inserted, cancel=cancel)
 
 
@@ -95,21 +96,19 @@ def post_metrics(
 async def put_checkpoint(
     request: Request,
     kind: Literal["best", "last", "top_k"],
-    epoch: int,
+    epoch: Annotated[int, Path(ge=0, le=MAX_INT32)],
     ref: WorkerAttempt,
     sessions: SessionsDep,
     artifacts: ArtifactsDep,
     settings: SettingsDep,
     x_sha256: Annotated[str, Header(description="sha256 hex of the body")],
-    x_step: Annotated[int, Header(ge=0)] = 0,
+    x_step: Annotated[int, Header(ge=0, le=MAX_INT64)] = 0,
     x_monitor: Annotated[str | None, Header(max_length=128)] = None,
     x_value: Annotated[float | None, Header()] = None,
 ) -> CheckpointOut:
     """Raw bytes checked against X-Sha256 (400 on mismatch); idempotent by (job, epoch, kind)."""
     if len(x_sha256) != SHA256_HEX or any(c not in "0123456789abcdefABCDEF" for c in x_sha256):
         raise BadRequest("X-Sha256 must be 64 hex digits")
-    if epoch < 0:
-        raise BadRequest("epoch must be >= 0")
     checkpoint = await receive_checkpoint(
         sessions,
         artifacts,

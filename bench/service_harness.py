@@ -1,0 +1,327 @@
+"""The service as the service benchmarks run it: a fresh database, API processes on a
+loopback port, and the HTTP calls of a user and a worker. Not a benchmark itself.
+
+API processes are started the way a deployment runs uvicorn with several workers:
+one listening socket, shared by N processes. The socket is made with
+proto=IPPROTO_TCP, so asyncio sets TCP_NODELAY on the connections it accepts
+(without it, a response written in two pieces waits ~40 ms on Nagle and
+delayed ACKs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+API = "/api/v1"
+
+
+# ------------------------------------------------------------------ databases
+
+
+@contextlib.contextmanager
+def database(kind: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty database of `kind` ("postgres" or "sqlite"), dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'torchyard.db'}"
+        return
+    import psycopg
+
+    name = f"torchyard_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="test") as conn:
+        conn.autocommit = True
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="test") as conn:
+            conn.autocommit = True
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def migrate(database_url: str) -> None:
+    """Create the tables before the API processes start, so they do not race to."""
+    from app.migrate import upgrade
+
+    upgrade(database_url)
+
+
+def psycopg_dsn(database_url: str) -> str:
+    """The libpq form of a `postgresql+psycopg://` URL (for raw-driver baselines)."""
+    return database_url.replace("postgresql+psycopg://", "postgresql://")
+
+
+# ---------------------------------------------------------------- API processes
+
+
+def python_path() -> str:
+    """PYTHONPATH for child processes: the repository first, then whatever was set."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+class Settings:
+    """What the API processes are started with (passed as TORCHYARD_* variables)."""
+
+    def __init__(self, home: Path, database_url: str, broker_url: str):
+        self.home = home
+        self.database_url = database_url
+        self.broker_url = broker_url
+        self.token = "bench-admin-" + secrets.token_hex(16)
+        self.worker_token = "bench-worker-" + secrets.token_hex(16)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "TORCHYARD_HOME": str(self.home),
+            "TORCHYARD_DATABASE_URL": self.database_url,
+            "TORCHYARD_BROKER_URL": self.broker_url,
+            "TORCHYARD_TOKEN": self.token,
+            "TORCHYARD_WORKER_TOKEN": self.worker_token,
+            "TORCHYARD_DB_WAIT_S": "0",
+            "PYTHONPATH": python_path(),
+        }
+
+
+class Served:
+    """`processes` uvicorn processes serving `app` on one loopback socket.
+
+    app: "torchyard" (app.main.create_app, settings from the environment) or
+    "floor" (a bare FastAPI route returning the JSON document in `floor_body`).
+    """
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        processes: int = 1,
+        env: dict[str, str] | None = None,
+        floor_body: Path | None = None,
+        timeout_s: float = 60,
+    ):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(2048)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        fd = self.sock.fileno()
+        argv = [sys.executable, __file__, "serve", "--fd", str(fd), "--app", app]
+        if floor_body is not None:
+            argv += ["--floor-body", str(floor_body)]
+        self.procs = [
+            subprocess.Popen(
+                argv,
+                pass_fds=[fd],
+                env=env or {**os.environ, "PYTHONPATH": python_path()},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(processes)
+        ]
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            line = _readline_before(proc, deadline)
+            if line.strip() != "ready":
+                self.stop()
+                raise RuntimeError(f"an API process of {app!r} did not start (exit {proc.poll()})")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.sock.close()
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _readline_before(proc: subprocess.Popen[str], deadline: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    return result[0] if result else ""
+
+
+def _serve(fd: int, app_name: str, floor_body: str | None) -> None:
+    """The body of one API process (run as `service_harness.py serve`)."""
+    import uvicorn
+
+    if app_name == "torchyard":
+        from app.main import create_app
+
+        asgi: Any = create_app()
+    else:
+        asgi = floor_app(json.loads(Path(floor_body or "").read_text()))
+    config = uvicorn.Config(asgi, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+
+    def announce() -> None:
+        while not server.started:
+            time.sleep(0.01)
+        print("ready", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run(sockets=[socket.socket(fileno=fd)])
+
+
+def floor_app(document: dict[str, Any]) -> Any:
+    """The framework floor: FastAPI answering GET /api/v1/jobs/{id} with a constant document."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get(API + "/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return document
+
+    return app
+
+
+# ------------------------------------------------------------------ HTTP calls
+
+
+def client(base_url: str, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=base_url + API, headers=headers, timeout=60, verify=False)
+
+
+def npz_bytes(rows: int = 64, features: int = 4, classes: int = 3) -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        x=rng.normal(size=(rows, features)).astype("float32"),
+        y=rng.integers(0, classes, size=rows).astype("int64"),
+    )
+    return buffer.getvalue()
+
+
+def job_spec(dataset_id: str, epochs: int = 3) -> dict[str, Any]:
+    """A small job of the kind a user submits: an MLP on an uploaded NPZ, trained on CPU."""
+    return {
+        "name": "bench-mlp",
+        "data": {"train": dataset_id, "inputs": "x", "targets": "y", "batch_size": 16},
+        "model": {
+            "layers": [
+                {"type": "linear", "out_features": 64},
+                {"type": "relu"},
+                {"type": "linear", "out_features": 3},
+            ]
+        },
+        "training": {
+            "epochs": epochs,
+            "loss": "cross_entropy",
+            "metrics": ["accuracy"],
+            "device": "cpu",
+        },
+    }
+
+
+def expect(response: httpx.Response, status: int) -> Any:
+    if response.status_code != status:
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: "
+            f"{response.status_code} {response.text[:300]}"
+        )
+    return response.json() if response.content else None
+
+
+def upload_dataset(user: httpx.Client) -> str:
+    response = user.post("/datasets", files={"file": ("train.npz", npz_bytes())})
+    return expect(response, 201)["id"]
+
+
+def submit(user: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
+    return expect(user.post("/jobs", json=spec), 201)
+
+
+def claim(worker: httpx.Client, job_id: str, name: str = "bench:1") -> dict[str, Any]:
+    return expect(worker.post(f"/worker/jobs/{job_id}/claim", json={"worker": name}), 200)
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}" if value else "0"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def scratch() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="torchyard-bench-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one API process of a benchmark (internal)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("--fd", type=int, required=True)
+    serve.add_argument("--app", choices=["torchyard", "floor"], required=True)
+    serve.add_argument("--floor-body")
+    args = parser.parse_args(argv)
+    _serve(args.fd, args.app, args.floor_body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
