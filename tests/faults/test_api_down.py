@@ -26,7 +26,7 @@ from tests.faults.conftest import (
 from tests.test_service_e2e import upload_digits, wait_for
 
 OUTAGE_S = 8
-EPOCHS = 6
+EPOCHS = 15  # long enough that the outage lands mid-run even when uploads lag on a loaded machine
 
 
 @pytest.mark.slow
