@@ -33,6 +33,14 @@ def dataset_refs(spec: Any) -> dict[str, str]:
     return refs
 
 
+def preload() -> None:
+    """Import what check_spec needs (torch among it) now, rather than in the first submit
+    that reaches this process: the API calls it at start, as the import takes seconds."""
+    import worker.build
+    import worker.data
+    import worker.spec  # noqa: F401
+
+
 def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) -> CheckedSpec:
     """Everything that can be known before training: schema, datasets, fields, graph, shapes, size.
 

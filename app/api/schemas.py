@@ -165,10 +165,12 @@ class ValidateOut(BaseModel):
     summary: dict[str, Any]
 
 
-class MetricPointOut(BaseModel):
+class MetricPointOut(TypedDict):
+    """A point of a metric's history: a TypedDict, as an answer holds thousands (see PointIn)."""
+
     step: int
     epoch: int
-    value: float | None = Field(description="null for NaN or Inf")
+    value: Annotated[float | None, Field(description="null for NaN or Inf")]
     time: float
 
 

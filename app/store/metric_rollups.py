@@ -217,7 +217,7 @@ def read(
         )
         .order_by(ROLLUPS.c.bucket)
     )
-    for row in session.execute(stmt):
+    for row in session.execute(stmt).all():
         yield row[0], _summary(row[1:])
 
 

@@ -174,9 +174,9 @@ def _downsampled(
     where = [POINTS.c.job_id == job_id, POINTS.c.name == name]
     if since_step is not None:
         where.append(POINTS.c.step > since_step)
-    head = list(
-        session.execute(select(*_POINT).where(*where).order_by(POINTS.c.step).limit(max_points + 1))
-    )
+    head = session.execute(
+        select(*_POINT).where(*where).order_by(POINTS.c.step).limit(max_points + 1)
+    ).all()
     if len(head) <= max_points:
         return [tuple(p) for p in head]  # short enough already: every point
     lo = head[0][0]
