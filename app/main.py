@@ -60,14 +60,16 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         if settings.token:
             await run_in_threadpool(ensure_admin_token, sessions, settings.token)
         artifacts.sweep_temp()
-        reconciler = Reconciler(sessions, settings, dispatcher) if reconcile else None
-        if reconciler:
-            reconciler.start()
         await run_in_threadpool(preload)
         # What is loaded by now (torch, the app) lives as long as the process: keep the
         # collector from walking it again on every full collection (with torch
         # imported, each such pass stalls every request for ~0.2 s).
         gc.freeze()
+        # Last, just before serving: the grace the reconciler gives workers to report
+        # after a restart counts from here, not from before a slow import.
+        reconciler = Reconciler(sessions, settings, dispatcher) if reconcile else None
+        if reconciler:
+            reconciler.start()
         try:
             yield
         finally:

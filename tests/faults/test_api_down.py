@@ -1,6 +1,6 @@
 """The API killed (kill -9) mid-training and started again: the worker trains on.
 
-The API is down 8 s here rather than 30 s, with a 3 s lease: longer than the
+The API is down 8 s here rather than 30 s, with a 5 s lease: longer than the
 lease, so a lost report would cost the attempt, and the behaviour is the same.
 The worker's in-memory buffer is cut to 100 points so it spills to disk.
 """
@@ -33,7 +33,9 @@ EPOCHS = 15  # long enough that the outage lands mid-run even when uploads lag o
 def test_training_goes_on_while_the_api_is_down_and_nothing_is_lost(
     fresh_database, private_redis, make_stack, examples_dir, tmp_path
 ):
-    stack = make_stack(fresh_database, private_redis.url, **FAST_RECOVERY)
+    stack = make_stack(
+        fresh_database, private_redis.url, **{**FAST_RECOVERY, "TORCHYARD_LEASE_S": "5"}
+    )
     stack.start_api()
     stack.start_worker("w0", TORCHYARD_REPORT_BUFFER_POINTS="100")
     client = stack.client()
