@@ -19,6 +19,7 @@ from app.api.routes import checkpoints, datasets, events, health, jobs, worker
 from app.api.schemas import ERROR_RESPONSES
 from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
+from app.async_reads import AsyncReads
 from app.bootstrap import FIRST_USER
 from app.config import Settings, get_settings, with_worker_token
 from app.db import (
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         finally:
             if reconciler:
                 reconciler.stop()
+            await async_reads.close()
             dispatcher.close()
             engine.dispose()
 
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_engine = read_engine(engine)
+    app.state.async_reads = async_reads = AsyncReads(engine)
     app.state.read_sessions = make_read_sessions(engine)
     app.state.artifacts = artifacts
     app.state.dispatcher = dispatcher
@@ -91,7 +94,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
 
     install_error_handlers(app)
     app.include_router(health.router, prefix=API_PREFIX)
-    for router in (datasets.router, jobs.router, events.router, checkpoints.router):
+    for router in (jobs.shown, datasets.router, jobs.router, events.router, checkpoints.router):
         app.include_router(router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.claims, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.router, prefix=API_PREFIX, responses=ERROR_RESPONSES)

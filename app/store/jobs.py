@@ -11,9 +11,11 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from app.async_reads import AsyncReads
+from app.db import read_scope
 from app.errors import Conflict, NotFound
 from app.ids import is_id, new_id
 from app.models import TERMINAL_STATUSES, Job, JobDataset, User, utcnow
@@ -92,6 +94,25 @@ def view(db: Connection | Session, user_id: int, job_id: str) -> Row[Any]:
     if is_id(job_id):
         params = {"job_id": job_id, "user_id": user_id}
         row = db.execute(_SHOWN_BY_ID, params).one_or_none()
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    return row
+
+
+# The same read as raw SQL, for the event loop's own connections (app.async_reads).
+_SHOWN_SQL = f"SELECT {', '.join(SHOWN)} FROM jobs WHERE id = %s AND user_id = %s"
+
+
+async def view_now(reads: AsyncReads, engine: Engine, user_id: int, job_id: str) -> Any:
+    """`view` without a thread hop where the database allows (Postgres)."""
+    if not is_id(job_id):
+        raise NotFound(f"no job {job_id!r}")
+
+    def in_thread() -> Row[Any]:
+        with read_scope(engine) as connection:
+            return view(connection, user_id, job_id)
+
+    row = await reads.fetch_one(_SHOWN_SQL, (job_id, user_id), in_thread)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
     return row

@@ -20,6 +20,9 @@ def test_requests_fail_503_while_the_database_is_down_and_work_again_after(
     train_id, val_id = upload_digits(client, examples_dir)
     spec = spec_for(train_id, val_id, epochs=1)
     job = client.submit(spec)
+    # GET /jobs/{id} reads on the event loop's own connections (app.async_reads): one
+    # is pooled now, and the crash must turn it into a 503, then a fresh connection
+    assert stack.get(f"/jobs/{job['id']}").status_code == 200
 
     private_postgres.crash()
     headers = {"Authorization": f"Bearer {stack.token}"}
