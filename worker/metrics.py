@@ -110,6 +110,7 @@ class MetricAccumulator:
         # MPS has no float64.
         self._dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self._sums = torch.zeros(len(self._slots), dtype=self._dtype, device=self.device)
+        self._cells = list(self._sums.unbind(0))  # views, zeroed with _sums by reset()
         # Counts depend on shapes only, so they stay on the host at no cost.
         self._counts = [0] * len(self._slots)
 
@@ -132,20 +133,20 @@ class MetricAccumulator:
         total_loss: Tensor,
         batch_size: int,
     ) -> None:
-        values: list[Tensor] = []
-        for i, slot in enumerate(self._slots):
+        # One in-place add per slot into its cell of the sums (computed in the
+        # sums' dtype): no stack, no temporaries, two tiny kernels fewer per slot.
+        for i, (slot, cell) in enumerate(zip(self._slots, self._cells, strict=True)):
             if slot.kind == "total_loss":
-                value, count = total_loss.detach().to(self._dtype) * batch_size, batch_size
+                cell.add_(total_loss.detach(), alpha=batch_size)
+                count = batch_size
             elif slot.kind == "loss":
-                value = losses[slot.output].detach().to(self._dtype) * batch_size
+                cell.add_(losses[slot.output].detach(), alpha=batch_size)
                 count = batch_size
             else:
                 output = outputs[slot.output].detach()
                 value, count = _metric_sum(slot, output, targets[slot.output])
-                value = value.to(self._dtype)
-            values.append(value)
+                cell.add_(value)
             self._counts[i] += count
-        self._sums += torch.stack(values)
 
     def compute(self) -> dict[str, float]:
         """Sample-weighted means over everything since `reset()`; NaN for a value never updated."""
