@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db import Sessions, session_scope
-from app.models import TERMINAL_STATUSES, Job
-from app.store import events
+from app.models import TERMINAL_STATUSES, Job, JobEvent
+from app.store import events, metrics
 
 POLL_S = 0.25
 KEEPALIVE_S = 15.0  # a comment now and then keeps proxies from closing an idle stream
@@ -54,7 +55,21 @@ def _poll(sessions: Sessions, job_id: str, after_id: int) -> tuple[list[Event], 
     with session_scope(sessions) as session:
         rows = events.after(session, job_id, after_id)
         job = session.get(Job, job_id)
-        return [Event(row.id, row.kind, row.data) for row in rows], job.status if job else None
+        return _expanded(session, job_id, rows), job.status if job else None
+
+
+def _expanded(session: Session, job_id: str, rows: list[JobEvent]) -> list[Event]:
+    """Events as streamed: a metrics event names the chunks its points went to (they are
+    not stored twice), and gets them back here, all of a poll's in one query."""
+    refs = [row.data["chunks"] for row in rows if row.kind == "metrics" and "chunks" in row.data]
+    found = metrics.chunk_points(session, job_id, (key for keys in refs for key in keys))
+    out = []
+    for row in rows:
+        data = row.data
+        if row.kind == "metrics" and "chunks" in data:
+            data = {"points": [p for key in data["chunks"] for p in found.get(tuple(key), [])]}
+        out.append(Event(row.id, row.kind, data))
+    return out
 
 
 async def sse_frames(sessions: Sessions, job_id: str, after_id: int = 0) -> AsyncIterator[bytes]:

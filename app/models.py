@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -174,15 +175,27 @@ class Attempt(Base):
     first_step_at: Mapped[datetime | None]
 
 
-class MetricPoint(Base):
-    __tablename__ = "metric_points"
+class MetricChunk(Base):
+    """A run of one series' points, as the worker reported them in one batch.
+
+    Steps, epochs, values and times are packed little-endian arrays (int64, int32,
+    float64, float64; NaN stands for a null value): a batch of thousands of points is
+    one row, written in one statement and read back with one `numpy.frombuffer`
+    each (app/store/metrics.py). Within a series the chunks' step ranges do not
+    overlap, and each chunk's steps are increasing.
+    """
+
+    __tablename__ = "metric_chunks"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    epoch: Mapped[int] = mapped_column(Integer)
-    value: Mapped[float | None]  # None stands for NaN/Inf (JSON and SQLite cannot hold them)
-    time: Mapped[float]
+    first_step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[bytes] = mapped_column(LargeBinary)
+    epochs: Mapped[bytes] = mapped_column(LargeBinary)
+    values: Mapped[bytes] = mapped_column(LargeBinary)
+    times: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class MetricRollup(Base):

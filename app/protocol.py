@@ -65,7 +65,9 @@ def record_metrics(
     attempts.extend_lease(job, lease_s)
     new = metrics.insert_points(session, job, points)
     if new:
-        events.append(session, job.id, "metrics", {"points": new})
+        # The event names the chunks the points went to; streams read them from there
+        # (app.event_stream), so a batch of thousands of points is not stored twice.
+        events.append(session, job.id, "metrics", {"chunks": metrics.chunk_keys(new)})
         _advance_progress(job, max(new, key=lambda p: p["step"]))
     return len(new), job.cancel_requested
 

@@ -31,7 +31,9 @@ from sqlalchemy.orm import Session
 
 from app.models import MetricRollup
 
-LEVELS = tuple(range(4, 33, 2))  # buckets of 16 steps ... 2**32 steps
+# Buckets of 64 steps ... 2**32 steps. Finer reads come from the raw points (at most
+# 32 steps a bucket: a few thousand points, unpacked from their chunks in a blink).
+LEVELS = tuple(range(6, 33, 2))
 ROLLUPS = MetricRollup.__table__
 ROLES = ("first", "last", "low", "high")
 FIELDS = ("step", "epoch", "value", "time")

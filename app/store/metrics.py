@@ -1,21 +1,21 @@
-"""Metric points keyed by (job, name, step): idempotent inserts, downsampled history."""
+"""Metric series stored in chunks (a batch of a series per row): idempotent inserts,
+raw and downsampled history."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+import numpy as np
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
-from app.models import Job, MetricPoint
+from app.models import Job, MetricChunk
 from app.store import metric_rollups
 from app.store.metric_rollups import Point
 
-POINTS = MetricPoint.__table__
+CHUNKS = MetricChunk.__table__
 
 
 def finite(value: float | None) -> float | None:
@@ -39,59 +39,135 @@ def finite_json(data: Any) -> Any:
 def insert_points(
     session: Session, job: Job, points: Iterable[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Insert what is missing (a retried batch adds nothing); return the points newly stored.
+    """Store what is new (a retried batch adds nothing); return the points newly stored.
 
-    Also moves the job's latest value of each metric forward (never back, so a
-    late retry of an old batch cannot overwrite a newer value), and folds the new
-    points into the series' rollups. The caller holds the job's row lock.
+    Each series of the batch becomes one chunk (a row of packed arrays) of its
+    steps not stored yet. A worker reports a series in step order, so the usual
+    batch starts past the last step stored for its name (the job's latest_metrics
+    keeps it) and nothing need be read; a retried, overlapping or late batch (a
+    resumed attempt repeats the steps since its checkpoint) has the steps stored
+    already in its range read and left out. Also moves the job's latest values
+    forward and folds the new points into the series' rollups. The caller holds
+    the job's row lock.
     """
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    by_name: dict[str, dict[int, dict[str, Any]]] = {}
     for p in points:
-        key = (p["name"], int(p["step"]))
-        rows.setdefault(
-            key,
-            {
+        series = by_name.setdefault(p["name"], {})
+        step = int(p["step"])
+        if step not in series:  # the first of repeats within a batch wins
+            series[step] = {
                 "name": p["name"],
-                "step": int(p["step"]),
+                "step": step,
                 "epoch": int(p["epoch"]),
                 "value": finite(p.get("value")),
                 "time": float(p["time"]),
-            },
-        )
-    if not rows:
+            }
+    latest = job.latest_metrics or {}
+    inserted: list[dict[str, Any]] = []
+    chunks: list[dict[str, Any]] = []
+    for name, series in by_name.items():
+        steps = sorted(series)
+        seen = latest.get(name)
+        if seen is not None and steps[0] <= seen["step"]:
+            stored = _stored_steps(session, job.id, name, steps[0], steps[-1])
+            steps = [step for step in steps if step not in stored]
+        if steps:
+            rows = [series[step] for step in steps]
+            chunks.append(_pack(job.id, name, rows))
+            inserted.extend(rows)
+    if not chunks:
         return []
-    if session.get_bind().dialect.name == "postgresql":
-        stored = _insert_pg(session, job.id, list(rows.values()))
-    else:
-        stmt = (
-            sqlite_insert(POINTS)
-            .on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
-            .returning(POINTS.c.name, POINTS.c.step)
-        )
-        values = [{"job_id": job.id, **row} for row in rows.values()]
-        stored = {(name, step) for name, step in session.execute(stmt, values).all()}
-    inserted = [row for key, row in rows.items() if key in stored]
+    session.execute(CHUNKS.insert(), chunks)
     _advance_latest(job, inserted)
     metric_rollups.add(session, job.id, inserted)
     return inserted
 
 
-# One statement, the rows passed as one JSON document: a multi-row VALUES of
-# thousands of rows costs more Python to build, and the driver more to parse,
-# than Postgres spends storing them (arrays cost the driver about as much).
-_PG_INSERT = text(
-    "INSERT INTO metric_points (job_id, name, step, epoch, value, time) "
-    "SELECT :job_id, p.name, p.step, p.epoch, p.value, p.time "
-    "FROM json_to_recordset(CAST(:rows AS json)) "
-    "AS p(name varchar, step bigint, epoch integer, value double precision, time double precision) "
-    "ON CONFLICT (job_id, name, step) DO NOTHING "
-    "RETURNING name, step"
-)
+def chunk_keys(inserted: list[dict[str, Any]]) -> list[list[Any]]:
+    """[name, first_step] of each chunk `insert_points` made of `inserted` (its return value):
+    what a metrics event stores in place of a copy of the points."""
+    keys: list[list[Any]] = []
+    for p in inserted:
+        if not keys or keys[-1][0] != p["name"]:
+            keys.append([p["name"], p["step"]])
+    return keys
 
 
-def _insert_pg(session: Session, job_id: str, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
-    params = {"job_id": job_id, "rows": json.dumps(rows)}
-    return {(name, step) for name, step in session.execute(_PG_INSERT, params).all()}
+def chunk_points(
+    session: Session, job_id: str, keys: Iterable[Sequence[Any]]
+) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The points of the chunks named by (name, first_step) keys (see `chunk_keys`), as
+    reported: one query for all of them."""
+    wanted = {(str(name), int(first_step)) for name, first_step in keys}
+    if not wanted:
+        return {}
+    stmt = select(
+        CHUNKS.c.name,
+        CHUNKS.c.first_step,
+        CHUNKS.c.steps,
+        CHUNKS.c.epochs,
+        CHUNKS.c["values"],
+        CHUNKS.c.times,
+    ).where(CHUNKS.c.job_id == job_id, tuple_(CHUNKS.c.name, CHUNKS.c.first_step).in_(wanted))
+    found: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for name, first_step, *arrays in session.execute(stmt):
+        found[(name, first_step)] = [
+            {"name": name, "step": p[0], "epoch": p[1], "value": p[2], "time": p[3]}
+            for p in _unpack(arrays)
+        ]
+    return found
+
+
+def _unpack(arrays: Sequence[bytes]) -> list[Point]:
+    steps, epochs, values, times = (
+        np.frombuffer(blob, dtype) for blob, dtype in zip(arrays, DTYPES.values(), strict=True)
+    )
+    return _as_points(steps, epochs, values, times)
+
+
+def _as_points(steps: Any, epochs: Any, values: Any, times: Any) -> list[Point]:
+    """Points from the arrays (NaN back to null)."""
+    nulls = np.isnan(values)
+    value_list: list[float | None] = values.tolist()
+    if nulls.any():
+        for i in np.flatnonzero(nulls).tolist():
+            value_list[i] = None
+    return list(zip(steps.tolist(), epochs.tolist(), value_list, times.tolist(), strict=True))
+
+
+def _stored_steps(session: Session, job_id: str, name: str, lo: int, hi: int) -> set[int]:
+    """The steps in [lo, hi] already stored for the series."""
+    stmt = select(CHUNKS.c.steps).where(
+        CHUNKS.c.job_id == job_id,
+        CHUNKS.c.name == name,
+        CHUNKS.c.first_step <= hi,
+        CHUNKS.c.last_step >= lo,
+    )
+    found: set[int] = set()
+    for (blob,) in session.execute(stmt):
+        steps = np.frombuffer(blob, DTYPES["steps"])
+        found.update(steps[(steps >= lo) & (steps <= hi)].tolist())
+    return found
+
+
+# How a chunk's arrays are packed (little-endian; NaN stands for a null value).
+DTYPES = {"steps": "<i8", "epochs": "<i4", "values": "<f8", "times": "<f8"}
+
+
+def _pack(job_id: str, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    values = (math.nan if r["value"] is None else r["value"] for r in rows)
+    return {
+        "job_id": job_id,
+        "name": name,
+        "first_step": rows[0]["step"],
+        "last_step": rows[-1]["step"],
+        "count": n,
+        "steps": np.fromiter((r["step"] for r in rows), DTYPES["steps"], n).tobytes(),
+        "epochs": np.fromiter((r["epoch"] for r in rows), DTYPES["epochs"], n).tobytes(),
+        "values": np.fromiter(values, DTYPES["values"], n).tobytes(),
+        "times": np.fromiter((r["time"] for r in rows), DTYPES["times"], n).tobytes(),
+    }
 
 
 def _advance_latest(job: Job, rows: list[dict[str, Any]]) -> None:
@@ -143,18 +219,12 @@ def history(
 def _raw(
     session: Session, job_id: str, names: Collection[str], since_step: int | None
 ) -> dict[str, list[dict[str, Any]]]:
-    stmt = select(POINTS.c.name, *_POINT).where(POINTS.c.job_id == job_id)
-    if names:
-        stmt = stmt.where(POINTS.c.name.in_(list(names)))
-    if since_step is not None:
-        stmt = stmt.where(POINTS.c.step > since_step)
     out: dict[str, list[dict[str, Any]]] = {}
-    for name, *point in session.execute(stmt.order_by(POINTS.c.name, POINTS.c.step)):
-        out.setdefault(name, []).append(_point(point))
+    for name in sorted(names) if names else _names(session, job_id):
+        points = _points(session, job_id, name, after=since_step)
+        if points:
+            out[name] = [_point(p) for p in points]
     return out
-
-
-_POINT = (POINTS.c.step, POINTS.c.epoch, POINTS.c.value, POINTS.c.time)
 
 
 def _point(p: Sequence[Any]) -> dict[str, Any]:
@@ -168,29 +238,99 @@ def _names(session: Session, job_id: str) -> list[str]:
     return sorted(set(session.execute(stmt).scalars()))
 
 
+def _points(
+    session: Session,
+    job_id: str,
+    name: str,
+    *,
+    after: int | None = None,
+    before: int | None = None,
+    limit: int | None = None,
+) -> list[Point]:
+    """The series' points with after < step < before, by step, at most `limit` of them."""
+    where = [CHUNKS.c.job_id == job_id, CHUNKS.c.name == name]
+    if after is not None:
+        where.append(CHUNKS.c.last_step > after)
+    if before is not None:
+        where.append(CHUNKS.c.first_step < before)
+    if limit is not None:
+        last_needed = _chunks_for(session, where, after, limit)
+        if last_needed is None:
+            return []
+        where.append(CHUNKS.c.first_step <= last_needed)
+    arrays = select(CHUNKS.c.steps, CHUNKS.c.epochs, CHUNKS.c["values"], CHUNKS.c.times).where(
+        *where
+    )
+    parts = [
+        [np.frombuffer(blob, dtype) for blob, dtype in zip(row, DTYPES.values(), strict=True)]
+        for row in session.execute(arrays.order_by(CHUNKS.c.first_step))
+    ]
+    if not parts:
+        return []
+    steps, epochs, values, times = (np.concatenate(column) for column in zip(*parts, strict=True))
+    if len(steps) > 1 and not bool(np.all(steps[1:] > steps[:-1])):
+        # chunks of late or overlapping batches interleave with others
+        order = np.argsort(steps, kind="stable")
+        steps, epochs, values, times = steps[order], epochs[order], values[order], times[order]
+    keep = np.ones(len(steps), dtype=bool)
+    if after is not None:
+        keep &= steps > after
+    if before is not None:
+        keep &= steps < before
+    if not keep.all():
+        steps, epochs, values, times = steps[keep], epochs[keep], values[keep], times[keep]
+    if limit is not None:
+        steps, epochs, values, times = steps[:limit], epochs[:limit], values[:limit], times[:limit]
+    return _as_points(steps, epochs, values, times)
+
+
+def _chunks_for(session: Session, where: list[Any], after: int | None, limit: int) -> int | None:
+    """The first_step of the last chunk (by first_step) to read for the first `limit`
+    points past `after` of the chunks matching `where`; None when none match.
+
+    Reads only the chunks' step ranges and sizes (a few bytes each). The points of
+    the chunks taken are complete below the next chunk's first step; a chunk that
+    starts at or before `after` counts for none (it may hold points before it).
+    """
+    stmt = select(CHUNKS.c.first_step, CHUNKS.c.last_step, CHUNKS.c["count"]).where(*where)
+    last_needed = None
+    complete = 0
+    pending: list[tuple[int, int]] = []  # (last_step, count) of chunks taken, not yet counted
+    for first_step, last_step, count in session.execute(stmt.order_by(CHUNKS.c.first_step)):
+        complete += sum(c for last, c in pending if last < first_step)
+        pending = [(last, c) for last, c in pending if last >= first_step]
+        if complete >= limit:
+            break
+        if after is None or first_step > after:
+            pending.append((last_step, count))
+        last_needed = first_step
+    return last_needed
+
+
+def _last_step(session: Session, job_id: str, name: str) -> int | None:
+    stmt = select(func.max(CHUNKS.c.last_step)).where(
+        CHUNKS.c.job_id == job_id, CHUNKS.c.name == name
+    )
+    return session.execute(stmt).scalar_one()
+
+
 def _downsampled(
     session: Session, job_id: str, name: str, since_step: int | None, max_points: int
 ) -> list[Point]:
-    where = [POINTS.c.job_id == job_id, POINTS.c.name == name]
-    if since_step is not None:
-        where.append(POINTS.c.step > since_step)
-    head = session.execute(
-        select(*_POINT).where(*where).order_by(POINTS.c.step).limit(max_points + 1)
-    ).all()
+    head = _points(session, job_id, name, after=since_step, limit=max_points + 1)
     if len(head) <= max_points:
-        return [tuple(p) for p in head]  # short enough already: every point
+        return head  # short enough already: every point
     lo = head[0][0]
-    hi = session.execute(select(func.max(POINTS.c.step)).where(*where)).scalar_one()
+    hi = _last_step(session, job_id, name)
+    assert hi is not None  # head is not empty
     budget = max(1, max_points // 4)
     k = 0
     while (hi >> k) - (lo >> k) + 1 > budget:
         k += 1
     level = metric_rollups.level_for(k)
     if level is None:  # buckets narrower than any rollup: at most 2**k * budget raw points
-        raw = session.execute(
-            select(*_POINT).where(*where, POINTS.c.step <= hi).order_by(POINTS.c.step)
-        )
-        buckets = metric_rollups.regrouped(metric_rollups.bucketed(map(tuple, raw), 0), k)
+        raw = _points(session, job_id, name, after=since_step, before=hi + 1)
+        buckets = metric_rollups.regrouped(metric_rollups.bucketed(raw, 0), k)
     else:
         first_block = lo >> level
         blocks = list(metric_rollups.read(session, job_id, name, level, first_block, hi >> level))
@@ -211,20 +351,9 @@ def _range_summary(
     pieces, pos = metric_rollups.cover(lo, end, level)
     parts = metric_rollups.read_blocks(session, job_id, name, pieces)
     if pos > lo:
-        raw = list(
-            session.execute(
-                select(*_POINT)
-                .where(
-                    POINTS.c.job_id == job_id,
-                    POINTS.c.name == name,
-                    POINTS.c.step >= lo,
-                    POINTS.c.step < pos,
-                )
-                .order_by(POINTS.c.step)
-            )
-        )
+        raw = _points(session, job_id, name, after=lo - 1, before=pos)
         if raw:
-            parts.append(metric_rollups.Summary.of([tuple(p) for p in raw]))
+            parts.append(metric_rollups.Summary.of(raw))
     summary = parts[0]
     for part in parts[1:]:
         summary = summary.merge(part)

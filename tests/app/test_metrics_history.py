@@ -7,12 +7,13 @@ import random
 import secrets
 from typing import Any
 
+from alembic import command
 from sqlalchemy import MetaData, Table, insert, select
 
 from app.db import make_engine, make_sessions, session_scope
-from app.migrate import upgrade
+from app.migrate import alembic_config, upgrade
 from app.models import MetricRollup, utcnow
-from app.store import metric_rollups
+from app.store import metric_rollups, metrics
 from tests.app.conftest import claim, points
 
 
@@ -153,9 +154,9 @@ def test_metrics_of_another_users_job_are_404(server, queued_job):
         assert other.get(f"/jobs/{queued_job['id']}/metrics").status_code == 404
 
 
-def test_the_migration_builds_rollups_of_points_stored_before_it(postgres, tmp_path):
+def test_the_migrations_keep_points_stored_before_them(postgres, tmp_path):
     """Points stored under schema 0001 get their rollups from 0002's backfill, exactly the
-    rows ingest would have kept."""
+    rows ingest would have kept, and 0003 moves them into chunks: every point reads back."""
     urls = {"sqlite": f"sqlite:///{tmp_path / 'old.db'}"}
     name = f"torchyard_backfill_{secrets.token_hex(4)}"
     urls["postgres"] = postgres.create(name)
@@ -179,11 +180,28 @@ def test_the_migration_builds_rollups_of_points_stored_before_it(postgres, tmp_p
                     session.execute(insert(_table(session, "metric_points")), rows)
                 upgrade(url)
                 with session_scope(make_sessions(engine)) as session:
+                    history = metrics.history(session, "j1")
+                    assert history == {"acc": stored(values), "loss": stored(values)}
                     backfilled = _rollups(session)
                     session.execute(MetricRollup.__table__.delete())
                     metric_rollups.add(session, "j1", rows)
                     assert backfilled == _rollups(session)
-                    assert len(backfilled) > 2 * 5000 // 16
+                    assert len(backfilled) > 2 * 5000 // 64
+                # and back: 0002's table of points, with its finest rollups rebuilt
+                with engine.connect() as connection:
+                    config = alembic_config()
+                    config.attributes["connection"] = connection
+                    command.downgrade(config, "0002")
+                    connection.commit()
+                with session_scope(make_sessions(engine)) as session:
+                    table = _table(session, "metric_points")
+                    back = session.execute(select(table).order_by(table.c.name, table.c.step))
+                    assert [dict(r._mapping) for r in back] == sorted(
+                        rows, key=lambda r: (r["name"], r["step"])
+                    )
+                    finest = _table(session, "metric_rollups")
+                    level_4 = select(finest).where(finest.c.level == 4)
+                    assert len(session.execute(level_4).all()) == 2 * math.ceil(5000 / 16)
             finally:
                 engine.dispose()
     finally:
