@@ -21,6 +21,7 @@ from app.errors import BadRequest
 from app.models import Checkpoint, Job
 from app.store import attempts, checkpoints, datasets, events, metrics
 from app.store.attempts import AttemptRef
+from app.store.metric_rollups import Point
 
 API_PREFIX = "/api/v1"
 MAX_LOG_LINE = 10_000
@@ -64,19 +65,20 @@ def record_metrics(
     job, _ = attempts.current(session, ref)
     attempts.extend_lease(job, lease_s)
     new = metrics.insert_points(session, job, points)
-    if new:
+    if new.series:
         # The event names the chunks the points went to; streams read them from there
         # (app.event_stream), so a batch of thousands of points is not stored twice.
-        events.append(session, job.id, "metrics", {"chunks": metrics.chunk_keys(new)})
-        _advance_progress(job, max(new, key=lambda p: p["step"]))
-    return len(new), job.cancel_requested
+        events.append(session, job.id, "metrics", {"chunks": new.chunk_keys()})
+        _advance_progress(job, new.newest())
+    return new.count, job.cancel_requested
 
 
-def _advance_progress(job: Job, newest: dict[str, Any]) -> None:
+def _advance_progress(job: Job, newest: Point) -> None:
     # Points carry step and epoch, so progress moves between heartbeats too.
+    step, epoch = newest[0], newest[1]
     progress = dict(job.progress or {})
-    if newest["step"] > progress.get("step", -1):
-        progress.update(step=newest["step"], epoch=newest["epoch"])
+    if step > progress.get("step", -1):
+        progress.update(step=step, epoch=epoch)
         job.progress = progress
 
 

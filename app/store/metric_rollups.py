@@ -103,11 +103,17 @@ def add(session: Session, job_id: str, points: Iterable[dict[str, Any]]) -> None
     by_name: dict[str, list[Point]] = {}
     for p in points:
         by_name.setdefault(p["name"], []).append((p["step"], p["epoch"], p["value"], p["time"]))
+    for series in by_name.values():
+        series.sort()
+    add_series(session, job_id, by_name)
+
+
+def add_series(session: Session, job_id: str, by_name: dict[str, list[Point]]) -> None:
+    """`add` for new points already grouped by name, each series sorted by step."""
     if not by_name:
         return
     fresh: dict[tuple[str, int, int], Summary] = {}
     for name, series in by_name.items():
-        series.sort()
         level_rows = dict(bucketed(series, LEVELS[0]))
         for n, level in enumerate(LEVELS):
             if n:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,10 +37,29 @@ def finite_json(data: Any) -> Any:
     return data
 
 
-def insert_points(
-    session: Session, job: Job, points: Iterable[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Store what is new (a retried batch adds nothing); return the points newly stored.
+@dataclass
+class Stored:
+    """What `insert_points` stored: per name its new points (step, epoch, value, time),
+    by step; each name's points are one chunk."""
+
+    series: dict[str, list[Point]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(len(points) for points in self.series.values())
+
+    def chunk_keys(self) -> list[list[Any]]:
+        """[name, first_step] of each chunk: what a metrics event stores in place of a
+        copy of the points (`chunk_points` reads them back)."""
+        return [[name, points[0][0]] for name, points in self.series.items()]
+
+    def newest(self) -> Point:
+        """The point with the highest step (the series are not empty)."""
+        return max((points[-1] for points in self.series.values()), key=lambda p: p[0])
+
+
+def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) -> Stored:
+    """Store what is new (a retried batch adds nothing); return what was newly stored.
 
     Each series of the batch becomes one chunk (a row of packed arrays) of its
     steps not stored yet. A worker reports a series in step order, so the usual
@@ -50,47 +70,35 @@ def insert_points(
     forward and folds the new points into the series' rollups. The caller holds
     the job's row lock.
     """
-    by_name: dict[str, dict[int, dict[str, Any]]] = {}
+    by_name: dict[str, dict[int, Point]] = {}
     for p in points:
-        series = by_name.setdefault(p["name"], {})
+        series = by_name.get(p["name"])
+        if series is None:
+            series = by_name[p["name"]] = {}
         step = int(p["step"])
         if step not in series:  # the first of repeats within a batch wins
-            series[step] = {
-                "name": p["name"],
-                "step": step,
-                "epoch": int(p["epoch"]),
-                "value": finite(p.get("value")),
-                "time": float(p["time"]),
-            }
+            value = p.get("value")
+            if value is not None and not math.isfinite(value):
+                value = None
+            series[step] = (step, int(p["epoch"]), value, float(p["time"]))
     latest = job.latest_metrics or {}
-    inserted: list[dict[str, Any]] = []
-    chunks: list[dict[str, Any]] = []
+    stored = Stored()
     for name, series in by_name.items():
-        steps = sorted(series)
+        steps = sorted(series)  # already in order, as a rule: a linear pass
         seen = latest.get(name)
         if seen is not None and steps[0] <= seen["step"]:
-            stored = _stored_steps(session, job.id, name, steps[0], steps[-1])
-            steps = [step for step in steps if step not in stored]
+            there = _stored_steps(session, job.id, name, steps[0], steps[-1])
+            steps = [step for step in steps if step not in there]
         if steps:
-            rows = [series[step] for step in steps]
-            chunks.append(_pack(job.id, name, rows))
-            inserted.extend(rows)
-    if not chunks:
-        return []
-    session.execute(CHUNKS.insert(), chunks)
-    _advance_latest(job, inserted)
-    metric_rollups.add(session, job.id, inserted)
-    return inserted
-
-
-def chunk_keys(inserted: list[dict[str, Any]]) -> list[list[Any]]:
-    """[name, first_step] of each chunk `insert_points` made of `inserted` (its return value):
-    what a metrics event stores in place of a copy of the points."""
-    keys: list[list[Any]] = []
-    for p in inserted:
-        if not keys or keys[-1][0] != p["name"]:
-            keys.append([p["name"], p["step"]])
-    return keys
+            stored.series[name] = [series[step] for step in steps]
+    if not stored.series:
+        return stored
+    session.execute(
+        CHUNKS.insert(), [_pack(job.id, name, pts) for name, pts in stored.series.items()]
+    )
+    _advance_latest(job, stored)
+    metric_rollups.add_series(session, job.id, stored.series)
+    return stored
 
 
 def chunk_points(
@@ -154,32 +162,29 @@ def _stored_steps(session: Session, job_id: str, name: str, lo: int, hi: int) ->
 DTYPES = {"steps": "<i8", "epochs": "<i4", "values": "<f8", "times": "<f8"}
 
 
-def _pack(job_id: str, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    n = len(rows)
-    values = (math.nan if r["value"] is None else r["value"] for r in rows)
+def _pack(job_id: str, name: str, points: list[Point]) -> dict[str, Any]:
+    steps, epochs, values, times = zip(*points, strict=True)
     return {
         "job_id": job_id,
         "name": name,
-        "first_step": rows[0]["step"],
-        "last_step": rows[-1]["step"],
-        "count": n,
-        "steps": np.fromiter((r["step"] for r in rows), DTYPES["steps"], n).tobytes(),
-        "epochs": np.fromiter((r["epoch"] for r in rows), DTYPES["epochs"], n).tobytes(),
-        "values": np.fromiter(values, DTYPES["values"], n).tobytes(),
-        "times": np.fromiter((r["time"] for r in rows), DTYPES["times"], n).tobytes(),
+        "first_step": steps[0],
+        "last_step": steps[-1],
+        "count": len(points),
+        "steps": np.array(steps, DTYPES["steps"]).tobytes(),
+        "epochs": np.array(epochs, DTYPES["epochs"]).tobytes(),
+        # None (NaN or Inf reported) is packed as NaN
+        "values": np.array(values, dtype=float).astype(DTYPES["values"]).tobytes(),
+        "times": np.array(times, DTYPES["times"]).tobytes(),
     }
 
 
-def _advance_latest(job: Job, rows: list[dict[str, Any]]) -> None:
+def _advance_latest(job: Job, stored: Stored) -> None:
     latest = dict(job.latest_metrics or {})
-    for row in rows:
-        seen = latest.get(row["name"])
-        if seen is None or row["step"] >= seen["step"]:
-            latest[row["name"]] = {
-                "step": row["step"],
-                "epoch": row["epoch"],
-                "value": row["value"],
-            }
+    for name, points in stored.series.items():
+        step, epoch, value, _ = points[-1]  # points are by step
+        seen = latest.get(name)
+        if seen is None or step >= seen["step"]:
+            latest[name] = {"step": step, "epoch": epoch, "value": value}
     # a new dict, so the JSON column is seen as changed
     job.latest_metrics = latest
 
