@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from app.api.deps import (
     ArtifactsDep,
@@ -29,6 +31,7 @@ from app.api.schemas import (
     LogsIn,
     MetricsIn,
     MetricsOut,
+    json_body,
 )
 from app.db import session_scope
 from app.errors import BadRequest
@@ -81,9 +84,26 @@ def heartbeat(
     return CancelOut(cancel=attempts.heartbeat(session, ref, progress, settings.lease_s))
 
 
-@router.post("/jobs/{job_id}/metrics", response_model=MetricsOut)
+async def _metrics_body(request: Request) -> MetricsIn:
+    """The body parsed and checked in one pass by pydantic (its JSON parser): for a batch of
+    thousands of points, a third of what json.loads and then validation take."""
+    try:
+        return MetricsIn.model_validate_json(await request.body())
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+
+@router.post(
+    "/jobs/{job_id}/metrics",
+    response_model=MetricsOut,
+    openapi_extra=json_body(MetricsIn),
+)
 def post_metrics(
-    body: MetricsIn, ref: WorkerAttempt, session: SessionDep, settings: SettingsDep
+    body: Annotated[MetricsIn, Depends(_metrics_body)],
+    ref: WorkerAttempt,
+    session: SessionDep,
+    settings: SettingsDep,
 ) -> MetricsOut:
     """Idempotent: points are keyed by (job, name, step). Also a heartbeat."""
     inserted, cancel = record_metrics(session, ref, list(body.points), settings.lease_s)
