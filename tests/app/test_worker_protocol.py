@@ -283,3 +283,29 @@ def test_a_job_lost_past_max_restarts_fails_with_worker_lost(make_server):
         final = user.get(f"/jobs/{job['id']}").json()
         assert final["status"] == "failed"
         assert final["error"].startswith("worker lost")
+
+
+def test_a_bad_metrics_batch_is_a_422_naming_the_point_and_stores_nothing(server, user, queued_job):
+    attempt = claim(server, queued_job["id"])
+    url = f"/worker/jobs/{queued_job['id']}/metrics"
+    bad = points(1.0, 2.0)
+    bad[1]["step"] = -1
+    response = attempt.post("metrics", {"points": bad})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["path"] == "body.points[1].step"
+    del bad[1]["step"]
+    assert attempt.post("metrics", {"points": bad}).json()["detail"][0]["path"] == (
+        "body.points[1].step"
+    )
+    for body in (b"{not json", b"", b'{"points": 3}'):
+        response = attempt.client.post(
+            url, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, body
+        assert response.json()["detail"][0]["path"].startswith("body"), response.json()
+    # NaN and Inf, as Python's json writes them, are accepted and stored as null
+    nan = b'{"points": [{"name": "loss", "step": 1, "epoch": 0, "value": NaN, "time": 1.0}]}'
+    response = attempt.client.post(url, content=nan, headers={"Content-Type": "application/json"})
+    assert response.json()["inserted"] == 1
+    history = user.get(f"/jobs/{queued_job['id']}/metrics").json()
+    assert history == {"loss": [{"step": 1, "epoch": 0, "value": None, "time": 1.0}]}
