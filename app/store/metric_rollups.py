@@ -5,8 +5,8 @@ At each level in LEVELS a series is cut into aligned buckets of 2**level steps
 four of its points: the first and the last (by step), the lowest and the highest
 (by value; a null value, NaN or Inf, counts only when every value is null; a tie
 goes to the earlier step). The summary of two disjoint sets of points is the
-merge of their summaries, so a batch of new points folds into the stored rows,
-and each level folds from the one below it.
+merge of their summaries, so a batch of new points folds into the stored rows
+(the upsert merges in SQL), and each level folds from the one below it.
 
 A downsampled read then costs one row per bucket whatever the series' length:
 a 1,000,000-point series comes back in milliseconds, where ranking its raw
@@ -25,7 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text
+import numpy as np
+from sqlalchemy import and_, literal_column, or_, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -114,33 +115,43 @@ def add_series(session: Session, job_id: str, by_name: dict[str, list[Point]]) -
         return
     fresh: dict[tuple[str, int, int], Summary] = {}
     for name, series in by_name.items():
-        level_rows = dict(bucketed(series, LEVELS[0]))
+        level_rows = _finest(series)
         for n, level in enumerate(LEVELS):
             if n:
                 level_rows = regrouped(level_rows.items(), level - LEVELS[n - 1])
             fresh.update(((name, level, b), s) for b, s in level_rows.items())
-    for key, stored in _stored(session, job_id, by_name).items():
-        if key in fresh:
-            fresh[key] = stored.merge(fresh[key])
     _upsert(session, job_id, fresh)
 
 
-def _stored(
-    session: Session, job_id: str, by_name: dict[str, list[Point]]
-) -> dict[tuple[str, int, int], Summary]:
-    ranges = [
-        and_(
-            ROLLUPS.c.name == name,
-            ROLLUPS.c.level == level,
-            ROLLUPS.c.bucket.between(series[0][0] >> level, series[-1][0] >> level),
+def _finest(series: list[Point]) -> dict[int, Summary]:
+    """`bucketed(series, LEVELS[0])` as a dict, with numpy for a long series (a batch of
+    thousands of points: two sorts instead of a Python key call per point and role)."""
+    n = len(series)
+    if n < 256:
+        return dict(bucketed(series, LEVELS[0]))
+    steps = np.fromiter((p[0] for p in series), np.int64, n)
+    values = np.array([p[2] for p in series], dtype=float)  # None -> NaN
+    nulls = np.isnan(values)
+    filled = np.where(nulls, 0.0, values)
+    buckets = steps >> LEVELS[0]
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    ends = np.r_[starts[1:], n] - 1
+    # The series is sorted by step, so each bucket's points are one run, and a sort
+    # keyed first by bucket keeps the runs where they are: the first of each run in
+    # the sorted order is the run's lowest (highest) by (null last, value, step).
+    lows = np.lexsort((steps, filled, nulls, buckets))[starts]
+    highs = np.lexsort((steps, -filled, nulls, buckets))[starts]
+    return {
+        bucket: Summary(series[first], series[last], series[low], series[high])
+        for bucket, first, last, low, high in zip(
+            buckets[starts].tolist(),
+            starts.tolist(),
+            ends.tolist(),
+            lows.tolist(),
+            highs.tolist(),
+            strict=True,
         )
-        for name, series in by_name.items()
-        for level in LEVELS
-    ]
-    stmt = select(ROLLUPS.c.name, ROLLUPS.c.level, ROLLUPS.c.bucket, *_columns()).where(
-        ROLLUPS.c.job_id == job_id, or_(*ranges)
-    )
-    return {(row[0], row[1], row[2]): _summary(row[3:]) for row in session.execute(stmt)}
+    }
 
 
 def _upsert(session: Session, job_id: str, summaries: dict[tuple[str, int, int], Summary]) -> None:
@@ -155,9 +166,38 @@ def _upsert(session: Session, job_id: str, summaries: dict[tuple[str, int, int],
     stmt = sqlite_insert(ROLLUPS)
     stmt = stmt.on_conflict_do_update(
         index_elements=["job_id", "name", "level", "bucket"],
-        set_={column: stmt.excluded[column] for column in COLUMNS},
+        set_={column: literal_column(sql) for column, sql in _MERGED.items()},
     )
     session.execute(stmt, [{"job_id": job_id, **row} for row in rows])
+
+
+def _merged() -> dict[str, str]:
+    """Per column, the SQL of `Summary.merge` in an upsert: the stored row
+    (metric_rollups.*) and the new one (excluded.*) cover disjoint steps; each role
+    takes all four columns from the side that wins it. The database folds the
+    stored row in itself: no read of it first."""
+    stored, new = "metric_rollups", "excluded"
+
+    def key(side: str, role: str, sign: str) -> str:  # _low_key / _high_key in SQL
+        value = f"{side}.{role}_value"
+        return f"({value} IS NULL, {sign}COALESCE({value}, 0), {side}.{role}_step)"
+
+    wins = {
+        "first": f"{new}.first_step < {stored}.first_step",
+        "last": f"{new}.last_step > {stored}.last_step",
+        "low": f"{key(new, 'low', '')} < {key(stored, 'low', '')}",
+        "high": f"{key(new, 'high', '-')} < {key(stored, 'high', '-')}",
+    }
+    return {
+        f"{role}_{field}": (
+            f"CASE WHEN {wins[role]} THEN {new}.{role}_{field} ELSE {stored}.{role}_{field} END"
+        )
+        for role in ROLES
+        for field in FIELDS
+    }
+
+
+_MERGED = _merged()
 
 
 def _pg_upsert() -> Any:
@@ -168,7 +208,7 @@ def _pg_upsert() -> Any:
         kinds[column] = types.get(column.split("_")[1], "double precision")
     names = ", ".join(columns)
     record = ", ".join(f"{c} {kinds[c]}" for c in columns)
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS)
+    updates = ", ".join(f"{c} = {sql}" for c, sql in _merged().items())
     return text(
         f"INSERT INTO metric_rollups (job_id, {names}) "
         f"SELECT :job_id, {names} FROM json_to_recordset(CAST(:rows AS json)) AS r({record}) "
