@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
@@ -26,10 +26,12 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import DatabaseUnavailable
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 class AsyncReads:
-    """`fetch_one(sql, params, fallback)`: a row (attribute access) or None."""
+    """`fetch_all(sql, params, fallback)`: rows with attribute access."""
 
     def __init__(self, engine: Engine, size: int = 10):
         self.engine = engine
@@ -45,10 +47,10 @@ class AsyncReads:
     def native(self) -> bool:
         return self._conninfo is not None
 
-    async def fetch_one(
+    async def fetch_all(
         self, sql: str, params: tuple[Any, ...], fallback: Callable[[], T]
-    ) -> Any | T:
-        """The row `sql` selects (Postgres), or what `fallback()` returns in a thread (SQLite)."""
+    ) -> list[Any] | T:
+        """The rows `sql` selects (Postgres), or what `fallback()` returns in a thread (SQLite)."""
         if self._conninfo is None:
             return await run_in_threadpool(fallback)
         import psycopg
@@ -60,7 +62,7 @@ class AsyncReads:
                 returned_at, connection = await self._checkout()
                 try:
                     cursor = await connection.execute(sql, params)
-                    row = await cursor.fetchone()
+                    rows = await cursor.fetchall()
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     await _close(connection)
                     if attempt == 1 and returned_at > 0:
@@ -70,7 +72,7 @@ class AsyncReads:
                     await _close(connection)
                     raise
                 self._idle.append((time.monotonic(), connection))
-                return row
+                return rows
         raise AssertionError("unreachable")
 
     async def _checkout(self) -> tuple[float, Any]:
@@ -101,3 +103,55 @@ async def _close(connection: Any) -> None:
     # closing a broken connection may fail too; it is gone either way
     with contextlib.suppress(Exception):
         await connection.close()
+
+
+class Coalesced(Generic[K, V]):
+    """Lookups of keys made concurrently, answered together by batch queries.
+
+    `get(key)` joins the next batch, never one already running, so its answer
+    is read after it was asked: a client sees its own writes. At most
+    `in_flight` batches run at once; lookups made meanwhile wait and go together
+    in the next. Under load, dozens of polls cost one query (and one rendering
+    of each distinct answer) instead of one each.
+    """
+
+    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], in_flight: int = 4):
+        self.fetch = fetch
+        self.in_flight = in_flight
+        self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: K) -> V | None:
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(future)
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        while self._waiting and self._running < self.in_flight:
+            batch, self._waiting = self._waiting, {}
+            self._running += 1
+            task = asyncio.ensure_future(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
+        try:
+            found = await self.fetch(list(batch))
+        except BaseException as exc:  # every waiter gets the error (a 503, say)
+            for futures in batch.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for key, futures in batch.items():
+                value = found.get(key)
+                for future in futures:
+                    if not future.done():  # a waiter that went away is cancelled
+                        future.set_result(value)
+        finally:
+            self._running -= 1
+            self._start()

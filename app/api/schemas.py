@@ -132,7 +132,7 @@ class JobOut(JobSummary):
 
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
-        """From the ORM row or from `app.store.jobs.view` (the same attribute names)."""
+        """From the ORM row or from `app.store.jobs.shown_by_id` (the same attribute names)."""
         best = None
         if job.best_epoch is not None or job.best_value is not None:
             best = BestOut(

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, bindparam, func, select, update
+from sqlalchemy import Engine, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from app.async_reads import AsyncReads
@@ -80,42 +80,23 @@ SHOWN = (
     "stop_reason",
     "spec",
 )
-_SHOWN_BY_ID = select(*(JOBS.c[name] for name in SHOWN)).where(
-    JOBS.c.id == bindparam("job_id"), JOBS.c.user_id == bindparam("user_id")
+# The jobs of many ids at once, with their owner, for coalesced polls (`shown_by_id`).
+_SHOWN_BY_IDS = select(JOBS.c.user_id, *(JOBS.c[name] for name in SHOWN)).where(
+    JOBS.c.id.in_(bindparam("ids", expanding=True))
 )
+_SHOWN_BY_IDS_SQL = f"SELECT user_id, {', '.join(SHOWN)} FROM jobs WHERE id = ANY(%s)"
 
 
-def view(db: Connection | Session, user_id: int, job_id: str) -> Row[Any]:
-    """The user's job as its answer shows it (columns SHOWN), in one indexed read.
+async def shown_by_id(reads: AsyncReads, engine: Engine, job_ids: list[str]) -> dict[str, Any]:
+    """The jobs as their answers show them (columns SHOWN, and user_id), by id, in one
+    query: on the event loop's own connection where the database allows (Postgres)."""
 
-    Another user's job is as absent as a missing one (NotFound).
-    """
-    row = None
-    if is_id(job_id):
-        params = {"job_id": job_id, "user_id": user_id}
-        row = db.execute(_SHOWN_BY_ID, params).one_or_none()
-    if row is None:
-        raise NotFound(f"no job {job_id!r}")
-    return row
-
-
-# The same read as raw SQL, for the event loop's own connections (app.async_reads).
-_SHOWN_SQL = f"SELECT {', '.join(SHOWN)} FROM jobs WHERE id = %s AND user_id = %s"
-
-
-async def view_now(reads: AsyncReads, engine: Engine, user_id: int, job_id: str) -> Any:
-    """`view` without a thread hop where the database allows (Postgres)."""
-    if not is_id(job_id):
-        raise NotFound(f"no job {job_id!r}")
-
-    def in_thread() -> Row[Any]:
+    def in_thread() -> list[Row[Any]]:
         with read_scope(engine) as connection:
-            return view(connection, user_id, job_id)
+            return list(connection.execute(_SHOWN_BY_IDS, {"ids": job_ids}))
 
-    row = await reads.fetch_one(_SHOWN_SQL, (job_id, user_id), in_thread)
-    if row is None:
-        raise NotFound(f"no job {job_id!r}")
-    return row
+    rows = await reads.fetch_all(_SHOWN_BY_IDS_SQL, (job_ids,), in_thread)
+    return {row.id: row for row in rows}
 
 
 def get(session: Session, user_id: int, job_id: str) -> Job:

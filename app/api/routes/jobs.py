@@ -26,7 +26,8 @@ from app.api.schemas import (
     MetricPointOut,
     ValidateOut,
 )
-from app.errors import BadRequest
+from app.async_reads import Coalesced
+from app.errors import BadRequest, NotFound
 from app.ids import is_id
 from app.store import events, jobs, metrics
 from app.submission import check_spec, submit_job
@@ -113,12 +114,34 @@ def _decode(cursor: str | None) -> str | None:
 @shown.get("/{job_id}", response_model=JobOut, openapi_extra=BEARER)
 async def get_job(request: Request, job_id: str) -> Response:
     """What a watcher polls, so it skips the dependency machinery: auth and the
-    read are plain calls (the same ones CurrentUser and OwnedJob make), and the
-    read runs on the event loop's own connection where the database allows."""
-    state = request.app.state
+    read are plain calls (the same checks as CurrentUser and OwnedJob), and polls
+    made at the same moment share one query and one rendering of each job."""
     user = await authenticate(request)
-    row = await jobs.view_now(state.async_reads, state.read_engine, user.id, job_id)
-    return Response(JobOut.of(row).model_dump_json(), media_type="application/json")
+    if not is_id(job_id):  # '..', a NUL byte: absent, without asking the database
+        raise NotFound(f"no job {job_id!r}")
+    body = await request.app.state.shown_jobs.get((job_id, user.id))
+    if body is None:  # missing, or another user's: the same answer
+        raise NotFound(f"no job {job_id!r}")
+    return Response(body, media_type="application/json")
+
+
+def shown_jobs(state: Any) -> Coalesced[tuple[str, int], bytes]:
+    """The answers of GET /jobs/{id} by (job id, user id), coalesced (app.async_reads)."""
+
+    async def fetch(keys: list[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+        ids = sorted({job_id for job_id, _ in keys})
+        rows = await jobs.shown_by_id(state.async_reads, state.read_engine, ids)
+        rendered: dict[str, bytes] = {}
+        out = {}
+        for job_id, user_id in keys:
+            row = rows.get(job_id)
+            if row is not None and row.user_id == user_id:
+                if job_id not in rendered:
+                    rendered[job_id] = JobOut.of(row).model_dump_json().encode()
+                out[(job_id, user_id)] = rendered[job_id]
+        return out
+
+    return Coalesced(fetch)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
