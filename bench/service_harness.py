@@ -166,6 +166,64 @@ class Served:
         self.stop()
 
 
+class Worker:
+    """A real training worker (`torchyard worker`, Celery, solo pool) for `settings`,
+    reporting to the API at `api_url`. Its log is `home/worker-NAME.log`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        api_url: str,
+        name: str = "w0",
+        *,
+        queues: str = "cpu,gpu",
+        extra_env: dict[str, str] | None = None,
+        timeout_s: float = 120,
+    ):
+        self.name = name
+        self.log = settings.home / f"worker-{name}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **settings.env(),
+            "TORCHYARD_API_URL": api_url,
+            "TORCHYARD_WORK_DIR": str(settings.home / f"work-{name}"),
+            "TORCHYARD_WORKER_NAME": name,
+            **(extra_env or {}),
+        }
+        argv = [sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--name", name]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
+        while " ready." not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"worker {name} did not start:\n{self.tail()}")
+            time.sleep(0.2)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (the worker and its training child), then kill."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def _readline_before(proc: subprocess.Popen[str], deadline: float) -> str:
     result: list[str] = []
     reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
