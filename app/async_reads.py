@@ -115,9 +115,18 @@ class Coalesced(Generic[K, V]):
     of each distinct answer) instead of one each.
     """
 
-    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], in_flight: int = 4):
+    def __init__(
+        self,
+        fetch: Callable[[list[K]], Awaitable[dict[K, V]]],
+        in_flight: int = 4,
+        *,
+        gather: bool = False,
+    ):
         self.fetch = fetch
         self.in_flight = in_flight
+        # gather: a batch waits one turn of the event loop before it takes the lookups,
+        # so that all made by tasks woken at the same moment go in it together
+        self.gather = gather
         self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -130,13 +139,21 @@ class Coalesced(Generic[K, V]):
 
     def _start(self) -> None:
         while self._waiting and self._running < self.in_flight:
-            batch, self._waiting = self._waiting, {}
             self._running += 1
-            task = asyncio.ensure_future(self._run(batch))
+            if self.gather:
+                task = asyncio.ensure_future(self._run(None))
+            else:
+                batch, self._waiting = self._waiting, {}
+                task = asyncio.ensure_future(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            if self.gather:
+                return  # the lookups made until it takes them are its own
 
-    async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
+    async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]] | None) -> None:
+        if batch is None:
+            await asyncio.sleep(0)
+            batch, self._waiting = self._waiting, {}
         try:
             found = await self.fetch(list(batch))
         except BaseException as exc:  # every waiter gets the error (a 503, say)

@@ -1,5 +1,12 @@
 """Follow a job's events by polling the table, so a watcher on one API process sees
-reports that reached another."""
+reports that reached another.
+
+The watchers of an API process poll together: each sleeps to the next tick of a
+shared clock (every POLL_S), and the polls of one tick go to the database as one
+batch (`EventPolls`, app.async_reads.Coalesced): one transaction a tick, one
+query per job and cursor, and each event's frame rendered once for all who
+send it. Twenty watchers of a job cost about what one does.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,14 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import anyio
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.async_reads import Coalesced
 from app.db import Sessions, session_scope
 from app.models import TERMINAL_STATUSES, Job, JobEvent
 from app.store import events, metrics
@@ -27,35 +36,50 @@ class Event:
     kind: str
     data: dict[str, Any]
 
-
-async def follow(
-    sessions: Sessions, job_id: str, after_id: int = 0, poll_s: float = POLL_S
-) -> AsyncIterator[Event | None]:
-    """Events with id > after_id, live, ending with `end` once the job is in a terminal state.
-
-    Yields None after each poll that found nothing, so the caller can keep the line alive.
-    """
-    while True:
-        batch, status = await run_in_threadpool(_poll, sessions, job_id, after_id)
-        for event in batch:
-            yield event
-            after_id = event.id
-            if event.kind == "end":
-                return
-        if not batch:
-            if status in TERMINAL_STATUSES or status is None:
-                # The client resumed past the stored `end`: close the stream the same way.
-                yield Event(id=after_id, kind="end", data={"status": status})
-                return
-            yield None
-            await anyio.sleep(poll_s)
+    @cached_property
+    def frame(self) -> bytes:
+        """The wire format of docs/service.md: `id: <row id>\\nevent: <kind>\\ndata: <json>\\n\\n`
+        (rendered once, however many watchers send it)."""
+        data = json.dumps(self.data, separators=(",", ":"))
+        return f"id: {self.id}\nevent: {self.kind}\ndata: {data}\n\n".encode()
 
 
-def _poll(sessions: Sessions, job_id: str, after_id: int) -> tuple[list[Event], str | None]:
+Polled = tuple[list[Event], str | None]  # events after a cursor, and the job's status
+
+
+class EventPolls:
+    """The event polls of one API process, made together (see the module docstring)."""
+
+    def __init__(self, sessions: Sessions, poll_s: float = POLL_S):
+        self.sessions = sessions
+        self.poll_s = poll_s
+        self._polls: Coalesced[tuple[str, int], Polled] = Coalesced(
+            self._fetch, in_flight=1, gather=True
+        )
+
+    async def poll(self, job_id: str, after_id: int) -> Polled:
+        polled = await self._polls.get((job_id, after_id))
+        assert polled is not None
+        return polled
+
+    async def until_next_tick(self) -> None:
+        await anyio.sleep(self.poll_s - time.monotonic() % self.poll_s)
+
+    async def _fetch(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Polled]:
+        return await run_in_threadpool(_poll_many, self.sessions, keys)
+
+
+def _poll_many(sessions: Sessions, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Polled]:
     with session_scope(sessions) as session:
-        rows = events.after(session, job_id, after_id)
-        job = session.get(Job, job_id)
-        return _expanded(session, job_id, rows), job.status if job else None
+        statuses: dict[str, str | None] = {}
+        out: dict[tuple[str, int], Polled] = {}
+        for job_id, after_id in keys:
+            if job_id not in statuses:
+                job = session.get(Job, job_id)
+                statuses[job_id] = job.status if job else None
+            rows = events.after(session, job_id, after_id)
+            out[(job_id, after_id)] = (_expanded(session, job_id, rows), statuses[job_id])
+        return out
 
 
 def _expanded(session: Session, job_id: str, rows: list[JobEvent]) -> list[Event]:
@@ -72,15 +96,35 @@ def _expanded(session: Session, job_id: str, rows: list[JobEvent]) -> list[Event
     return out
 
 
-async def sse_frames(sessions: Sessions, job_id: str, after_id: int = 0) -> AsyncIterator[bytes]:
-    """The wire format of docs/service.md: `id: <row id>\\nevent: <kind>\\ndata: <json>\\n\\n`."""
+async def follow(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIterator[Event | None]:
+    """Events with id > after_id, live, ending with `end` once the job is in a terminal state.
+
+    Yields None after each poll that found nothing, so the caller can keep the line alive.
+    """
+    while True:
+        batch, status = await polls.poll(job_id, after_id)
+        for event in batch:
+            yield event
+            after_id = event.id
+            if event.kind == "end":
+                return
+        if not batch:
+            if status in TERMINAL_STATUSES or status is None:
+                # The client resumed past the stored `end`: close the stream the same way.
+                yield Event(id=after_id, kind="end", data={"status": status})
+                return
+            yield None
+            await polls.until_next_tick()
+
+
+async def sse_frames(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIterator[bytes]:
+    """The job's events as SSE frames, with a keepalive comment on a quiet line."""
     quiet_since = time.monotonic()
-    async for event in follow(sessions, job_id, after_id):
+    async for event in follow(polls, job_id, after_id):
         if event is None:
             if time.monotonic() - quiet_since >= KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield b": keepalive\n\n"
             continue
         quiet_since = time.monotonic()
-        data = json.dumps(event.data, separators=(",", ":"))
-        yield f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
+        yield event.frame

@@ -32,6 +32,7 @@ from app.db import (
     session_scope,
 )
 from app.dispatch import Dispatcher
+from app.event_stream import EventPolls
 from app.migrate import upgrade_engine
 from app.protocol import API_PREFIX
 from app.reconciler import Reconciler
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.state.read_engine = read_engine(engine)
     app.state.async_reads = async_reads = AsyncReads(engine)
     app.state.shown_jobs = jobs.shown_jobs(app.state)
+    app.state.event_polls = EventPolls(sessions)
     app.state.read_sessions = make_read_sessions(engine)
     app.state.artifacts = artifacts
     app.state.dispatcher = dispatcher

@@ -117,3 +117,18 @@ def test_lookups_keep_working_after_many_rounds(in_flight: int):
 
     asyncio.run(main())
     assert table.running == 0
+
+
+def test_with_gather_the_lookups_of_tasks_woken_together_go_in_one_batch():
+    table = Table()
+    reads = Coalesced(table.fetch, in_flight=1, gather=True)
+
+    async def watcher(key: str) -> int | None:
+        await asyncio.sleep(0.01)  # all wake at the same tick
+        return await reads.get(key)
+
+    async def main() -> list[int | None]:
+        return await asyncio.gather(*(watcher(k) for k in ["a", "b"] * 10))
+
+    assert asyncio.run(main()) == [1, 2] * 10
+    assert table.batches == [["a", "b"]]

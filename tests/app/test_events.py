@@ -118,13 +118,13 @@ def test_the_server_stops_polling_when_the_client_goes_away(server, user, queued
     import app.event_stream as stream
 
     polls: list[str] = []
-    real_poll = stream._poll
+    real_poll = stream._poll_many
 
-    def counting_poll(sessions, job_id, after_id):
-        polls.append(job_id)
-        return real_poll(sessions, job_id, after_id)
+    def counting_poll(sessions, keys):
+        polls.extend(job_id for job_id, _ in keys)
+        return real_poll(sessions, keys)
 
-    monkeypatch.setattr(stream, "_poll", counting_poll)
+    monkeypatch.setattr(stream, "_poll_many", counting_poll)
     with user.stream("GET", f"/jobs/{queued_job['id']}/events") as response:
         lines = response.iter_lines()
         assert next(lines).startswith("id: ")
@@ -132,3 +132,38 @@ def test_the_server_stops_polling_when_the_client_goes_away(server, user, queued
     after_close = polls.count(queued_job["id"])
     time.sleep(0.6)
     assert polls.count(queued_job["id"]) == after_close
+
+
+def test_watchers_of_a_job_share_one_poll_a_tick_and_each_gets_every_event(
+    server, user, queued_job, monkeypatch
+):
+    import app.event_stream as stream
+
+    calls: list[list[tuple[str, int]]] = []
+    real_poll = stream._poll_many
+
+    def counting_poll(sessions, keys):
+        calls.append(list(keys))
+        return real_poll(sessions, keys)
+
+    monkeypatch.setattr(stream, "_poll_many", counting_poll)
+    watchers = 12
+    seen: list[list[dict[str, Any]]] = [[] for _ in range(watchers)]
+    threads = [
+        threading.Thread(target=read_events, args=(user, queued_job["id"]), kwargs={"into": got})
+        for got in seen
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)  # six ticks, all watchers attached and caught up
+    calls.clear()
+    time.sleep(1.0)
+    # one poll a tick (every 0.25 s) for the twelve, each at the same cursor: one key
+    assert 2 <= len(calls) <= 6, len(calls)
+    assert all(keys == [(queued_job["id"], keys[0][1])] for keys in calls), calls
+    run_to_the_end(server, queued_job["id"])
+    for thread in threads:
+        thread.join(timeout=20)
+    kinds = [[e["event"] for e in got] for got in seen]
+    assert all(k == kinds[0] for k in kinds) and kinds[0][-1] == "end"
+    assert "metrics" in kinds[0]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import OwnedJob, SessionsDep, UserAuth
+from app.api.deps import OwnedJob, UserAuth
 from app.api.schemas import MAX_INT64
 from app.event_stream import sse_frames
 
@@ -20,8 +20,8 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses=STREAM)
 def job_events(
+    request: Request,
     job: OwnedJob,
-    sessions: SessionsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     after: Annotated[
         int | None,
@@ -34,5 +34,7 @@ def job_events(
         after = min(int(last_event_id), MAX_INT64)
     start = after or 0
     return StreamingResponse(
-        sse_frames(sessions, job.id, start), media_type="text/event-stream", headers=STREAM_HEADERS
+        sse_frames(request.app.state.event_polls, job.id, start),
+        media_type="text/event-stream",
+        headers=STREAM_HEADERS,
     )
