@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from app.models import Job, MetricChunk
@@ -43,15 +43,19 @@ class Stored:
     by step; each name's points are one chunk."""
 
     series: dict[str, list[Point]] = field(default_factory=dict)
+    chunks: dict[str, int] = field(default_factory=dict)  # name -> first_step of its chunk
 
     @property
     def count(self) -> int:
         return sum(len(points) for points in self.series.values())
 
     def chunk_keys(self) -> list[list[Any]]:
-        """[name, first_step] of each chunk: what a metrics event stores in place of a
-        copy of the points (`chunk_points` reads them back)."""
-        return [[name, points[0][0]] for name, points in self.series.items()]
+        """[name, chunk's first_step, first and last new step] per series: what a metrics
+        event stores in place of a copy of the points (`chunk_points` reads them back)."""
+        return [
+            [name, self.chunks[name], points[0][0], points[-1][0]]
+            for name, points in self.series.items()
+        ]
 
     def newest(self) -> Point:
         """The point with the highest step (the series are not empty)."""
@@ -93,22 +97,65 @@ def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) 
             stored.series[name] = [series[step] for step in steps]
     if not stored.series:
         return stored
-    session.execute(
-        CHUNKS.insert(), [_pack(job.id, name, pts) for name, pts in stored.series.items()]
-    )
-    _advance_latest(job, stored)
+    tails = _write_chunks(session, job.id, latest, stored)
+    _advance_latest(job, stored, tails)
     metric_rollups.add_series(session, job.id, stored.series)
     return stored
 
 
+# A series' last chunk takes the points of following batches until it holds this
+# many: a worker reports every second or so, and a chunk per report would leave a
+# days-long run with hundreds of thousands of tiny rows to read.
+CHUNK_POINTS = 4096
+
+
+def _write_chunks(
+    session: Session, job_id: str, latest: dict[str, Any], stored: Stored
+) -> dict[str, list[int]]:
+    """Append each series' new points to its last chunk while that is small and they all
+    come after it; else store them as a chunk of their own. Returns the series' new
+    last chunks, [first_step, count, last_step], for latest_metrics to keep."""
+    appends: list[dict[str, Any]] = []
+    inserts: list[dict[str, Any]] = []
+    tails: dict[str, list[int]] = {}
+    for name, points in stored.series.items():
+        seen = latest.get(name) or {}
+        tail = seen.get("chunk")  # [first_step, count, last_step] of the series' last chunk
+        packed = _pack(job_id, name, points)
+        if tail and points[0][0] > tail[2] and tail[1] + len(points) <= CHUNK_POINTS:
+            stored.chunks[name] = tail[0]
+            appends.append({**packed, "first_step": tail[0]})
+            tails[name] = [tail[0], tail[1] + len(points), points[-1][0]]
+        else:
+            stored.chunks[name] = points[0][0]
+            inserts.append(packed)
+            if "step" not in seen or points[-1][0] > seen["step"]:  # not a late batch's
+                tails[name] = [points[0][0], len(points), points[-1][0]]
+    if inserts:
+        session.execute(CHUNKS.insert(), inserts)
+    if appends:
+        blob = "bytea" if session.get_bind().dialect.name == "postgresql" else "BLOB"
+        arrays = ", ".join(f'"{c}" = CAST("{c}" || :{c} AS {blob})' for c in DTYPES)
+        session.execute(
+            text(
+                f"UPDATE metric_chunks SET last_step = :last_step, count = count + :count, "
+                f"{arrays} WHERE job_id = :job_id AND name = :name AND first_step = :first_step"
+            ),
+            appends,
+        )
+    return tails
+
+
 def chunk_points(
     session: Session, job_id: str, keys: Iterable[Sequence[Any]]
-) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """The points of the chunks named by (name, first_step) keys (see `chunk_keys`), as
-    reported: one query for all of them."""
-    wanted = {(str(name), int(first_step)) for name, first_step in keys}
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """The points named by `Stored.chunk_keys` keys, [name, chunk's first_step, first step,
+    last step], as reported: one query for all of them. (A key of two, [name, first_step],
+    from before chunks took appends, names the whole chunk.)"""
+    wanted = {tuple(key) for key in keys}
     if not wanted:
         return {}
+    chunk_ids = {(str(key[0]), int(key[1])) for key in wanted}
     stmt = select(
         CHUNKS.c.name,
         CHUNKS.c.first_step,
@@ -116,12 +163,16 @@ def chunk_points(
         CHUNKS.c.epochs,
         CHUNKS.c["values"],
         CHUNKS.c.times,
-    ).where(CHUNKS.c.job_id == job_id, tuple_(CHUNKS.c.name, CHUNKS.c.first_step).in_(wanted))
-    found: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for name, first_step, *arrays in session.execute(stmt):
-        found[(name, first_step)] = [
+    ).where(CHUNKS.c.job_id == job_id, tuple_(CHUNKS.c.name, CHUNKS.c.first_step).in_(chunk_ids))
+    chunks = {(name, first): _unpack(arrays) for name, first, *arrays in session.execute(stmt)}
+    found: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for key in wanted:
+        name, first = key[0], key[1]
+        lo, hi = (key[2], key[3]) if len(key) == 4 else (None, None)
+        found[key] = [
             {"name": name, "step": p[0], "epoch": p[1], "value": p[2], "time": p[3]}
-            for p in _unpack(arrays)
+            for p in chunks.get((name, first), [])
+            if lo is None or lo <= p[0] <= hi
         ]
     return found
 
@@ -178,13 +229,19 @@ def _pack(job_id: str, name: str, points: list[Point]) -> dict[str, Any]:
     }
 
 
-def _advance_latest(job: Job, stored: Stored) -> None:
+def _advance_latest(job: Job, stored: Stored, tails: dict[str, list[int]]) -> None:
     latest = dict(job.latest_metrics or {})
     for name, points in stored.series.items():
         step, epoch, value, _ = points[-1]  # points are by step
         seen = latest.get(name)
         if seen is None or step >= seen["step"]:
             latest[name] = {"step": step, "epoch": epoch, "value": value}
+        else:
+            latest[name] = dict(seen)
+        if name in tails:
+            latest[name]["chunk"] = tails[name]
+        elif seen is not None and "chunk" in seen:
+            latest[name]["chunk"] = seen["chunk"]
     # a new dict, so the JSON column is seen as changed
     job.latest_metrics = latest
 

@@ -238,3 +238,50 @@ def _old_job(job_id: str) -> dict[str, Any]:
 def _rollups(session: Any) -> list[tuple[Any, ...]]:
     table = MetricRollup.__table__
     return [tuple(row) for row in session.execute(select(table).order_by(*table.primary_key))]
+
+
+def test_small_batches_fill_one_chunk_per_series_and_events_keep_each_batchs_points(
+    server, user, queued_job
+):
+    """A worker reports every second or so: its batches go into the series' last chunk
+    (up to CHUNK_POINTS points) rather than a row each, and each metrics event still
+    streams exactly the points of its own batch."""
+    from app.models import MetricChunk
+    from app.store.metrics import CHUNK_POINTS
+    from tests.app.test_events import read_events
+
+    attempt = claim(server, queued_job["id"])
+    sent = []
+    for batch in range(40):
+        body = points(*[batch + i / 10 for i in range(3)], start=3 * batch) + points(
+            batch, name="lr", start=3 * batch
+        )
+        assert attempt.post("metrics", {"points": body}).json()["inserted"] == 4
+        sent.append(body)
+    # a batch too big for the last chunk starts a new one
+    big = points(*[0.5] * CHUNK_POINTS, start=120)
+    assert attempt.post("metrics", {"points": big}).json()["inserted"] == CHUNK_POINTS
+    attempt.post("finish", {"status": "succeeded", "result": {}})
+
+    job_id = queued_job["id"]
+    with session_scope(server.sessions) as session:
+        chunks = session.execute(
+            select(MetricChunk.name, MetricChunk.first_step, MetricChunk.count)
+            .where(MetricChunk.job_id == job_id)
+            .order_by(MetricChunk.name, MetricChunk.first_step)
+        ).all()
+    assert [tuple(c) for c in chunks] == [
+        ("loss", 0, 120),
+        ("loss", 120, CHUNK_POINTS),
+        ("lr", 0, 40),
+    ]
+
+    history = user.get(f"/jobs/{job_id}/metrics").json()
+    assert history["loss"] == [
+        {k: p[k] for k in ("step", "epoch", "value", "time")}
+        for body in [*sent, big]
+        for p in body
+        if p["name"] == "loss"
+    ]
+    streamed = [e["data"]["points"] for e in read_events(user, job_id) if e["event"] == "metrics"]
+    assert streamed == [*sent, big]
