@@ -3,8 +3,9 @@ raw and downsampled history."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,37 +268,78 @@ def history(
     (app/store/metric_rollups.py): a read costs one row per bucket, whatever the
     series' length. Aligned buckets also stay put as a live series grows.
     """
-    if max_points is None:
-        return _raw(session, job_id, names, since_step)
-    wanted = list(names) or _names(session, job_id)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for name in wanted:
-        points = _downsampled(session, job_id, name, since_step, max_points)
-        if points:
+    # The chunks' sizes first (a few rows: a chunk holds up to CHUNK_POINTS points):
+    # every series short enough is then read whole, all of them in one query; only
+    # longer ones take the rollups.
+    ranges = select(CHUNKS.c.name, CHUNKS.c["count"]).where(CHUNKS.c.job_id == job_id)
+    if names:
+        ranges = ranges.where(CHUNKS.c.name.in_(list(names)))
+    if since_step is not None:
+        ranges = ranges.where(CHUNKS.c.last_step > since_step)
+    sizes: dict[str, int] = {}
+    for name, count in session.execute(ranges):
+        sizes[name] = sizes.get(name, 0) + count
+    whole = [n for n, size in sizes.items() if max_points is None or size <= max_points]
+    out = {
+        name: [_point(p) for p in pts] for name, pts in _series(session, job_id, whole, since_step)
+    }
+    for name in sizes:
+        if name not in whole and max_points is not None:
+            points = _downsampled(session, job_id, name, since_step, max_points)
             out[name] = [_point(p) for p in points]
-    return out
-
-
-def _raw(
-    session: Session, job_id: str, names: Collection[str], since_step: int | None
-) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for name in sorted(names) if names else _names(session, job_id):
-        points = _points(session, job_id, name, after=since_step)
-        if points:
-            out[name] = [_point(p) for p in points]
-    return out
+    return {name: out[name] for name in sorted(out) if out[name]}
 
 
 def _point(p: Sequence[Any]) -> dict[str, Any]:
     return {"step": p[0], "epoch": p[1], "value": p[2], "time": p[3]}
 
 
-def _names(session: Session, job_id: str) -> list[str]:
-    # the coarsest rollups hold one row per name: no scan of the points
-    top = metric_rollups.ROLLUPS.c
-    stmt = select(top.name).where(top.job_id == job_id, top.level == metric_rollups.LEVELS[-1])
-    return sorted(set(session.execute(stmt).scalars()))
+def _series(
+    session: Session, job_id: str, names: list[str], after: int | None
+) -> Iterator[tuple[str, list[Point]]]:
+    """The whole series of each of `names` past `after`, in one query."""
+    if not names:
+        return
+    stmt = select(
+        CHUNKS.c.name, CHUNKS.c.steps, CHUNKS.c.epochs, CHUNKS.c["values"], CHUNKS.c.times
+    ).where(CHUNKS.c.job_id == job_id, CHUNKS.c.name.in_(names))
+    if after is not None:
+        stmt = stmt.where(CHUNKS.c.last_step > after)
+    rows = session.execute(stmt.order_by(CHUNKS.c.name, CHUNKS.c.first_step))
+    for name, group in itertools.groupby(rows, key=lambda row: row[0]):
+        yield name, _merged([tuple(row[1:]) for row in group], after=after)
+
+
+def _merged(
+    parts: list[tuple[bytes, ...]],
+    *,
+    after: int | None = None,
+    before: int | None = None,
+    limit: int | None = None,
+) -> list[Point]:
+    """The points of a series' chunks (their packed arrays), by step, after < step < before,
+    at most `limit`."""
+    if not parts:
+        return []
+    arrays = [
+        [np.frombuffer(blob, dtype) for blob, dtype in zip(row, DTYPES.values(), strict=True)]
+        for row in parts
+    ]
+    steps, epochs, values, times = (np.concatenate(column) for column in zip(*arrays, strict=True))
+    if len(steps) > 1 and not bool(np.all(steps[1:] > steps[:-1])):
+        # chunks of late or overlapping batches interleave with others
+        order = np.argsort(steps, kind="stable")
+        steps, epochs, values, times = steps[order], epochs[order], values[order], times[order]
+    keep = np.ones(len(steps), dtype=bool)
+    if after is not None:
+        keep &= steps > after
+    if before is not None:
+        keep &= steps < before
+    if not keep.all():
+        steps, epochs, values, times = steps[keep], epochs[keep], values[keep], times[keep]
+    if limit is not None:
+        steps, epochs, values, times = steps[:limit], epochs[:limit], values[:limit], times[:limit]
+    return _as_points(steps, epochs, values, times)
 
 
 def _points(
@@ -323,27 +365,8 @@ def _points(
     arrays = select(CHUNKS.c.steps, CHUNKS.c.epochs, CHUNKS.c["values"], CHUNKS.c.times).where(
         *where
     )
-    parts = [
-        [np.frombuffer(blob, dtype) for blob, dtype in zip(row, DTYPES.values(), strict=True)]
-        for row in session.execute(arrays.order_by(CHUNKS.c.first_step))
-    ]
-    if not parts:
-        return []
-    steps, epochs, values, times = (np.concatenate(column) for column in zip(*parts, strict=True))
-    if len(steps) > 1 and not bool(np.all(steps[1:] > steps[:-1])):
-        # chunks of late or overlapping batches interleave with others
-        order = np.argsort(steps, kind="stable")
-        steps, epochs, values, times = steps[order], epochs[order], values[order], times[order]
-    keep = np.ones(len(steps), dtype=bool)
-    if after is not None:
-        keep &= steps > after
-    if before is not None:
-        keep &= steps < before
-    if not keep.all():
-        steps, epochs, values, times = steps[keep], epochs[keep], values[keep], times[keep]
-    if limit is not None:
-        steps, epochs, values, times = steps[:limit], epochs[:limit], values[:limit], times[:limit]
-    return _as_points(steps, epochs, values, times)
+    parts = [tuple(row) for row in session.execute(arrays.order_by(CHUNKS.c.first_step))]
+    return _merged(parts, after=after, before=before, limit=limit)
 
 
 def _chunks_for(session: Session, where: list[Any], after: int | None, limit: int) -> int | None:
