@@ -129,6 +129,7 @@ class Coalesced(Generic[K, V]):
         self.gather = gather
         self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
         self._running = 0
+        self._gathering = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def get(self, key: K) -> V | None:
@@ -138,25 +139,30 @@ class Coalesced(Generic[K, V]):
         return await future
 
     def _start(self) -> None:
-        while self._waiting and self._running < self.in_flight:
+        while self._waiting and self._running < self.in_flight and not self._gathering:
             self._running += 1
             if self.gather:
+                self._gathering = True  # the lookups made until it takes them are its own
                 task = asyncio.ensure_future(self._run(None))
             else:
-                batch, self._waiting = self._waiting, {}
-                task = asyncio.ensure_future(self._run(batch))
+                task = asyncio.ensure_future(self._run(self._take()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            if self.gather:
-                return  # the lookups made until it takes them are its own
+
+    def _take(self) -> dict[K, list[asyncio.Future[V | None]]]:
+        batch, self._waiting = self._waiting, {}
+        self._gathering = False
+        return batch
 
     async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]] | None) -> None:
-        if batch is None:
-            await asyncio.sleep(0)
-            batch, self._waiting = self._waiting, {}
         try:
-            found = await self.fetch(list(batch))
+            if batch is None:
+                await asyncio.sleep(0)
+                batch = self._take()
+            found = await self.fetch(list(batch)) if batch else {}
         except BaseException as exc:  # every waiter gets the error (a 503, say)
+            if batch is None:
+                batch = self._take()
             for futures in batch.values():
                 for future in futures:
                     if not future.done():

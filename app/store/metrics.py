@@ -41,7 +41,7 @@ def finite_json(data: Any) -> Any:
 @dataclass
 class Stored:
     """What `insert_points` stored: per name its new points (step, epoch, value, time),
-    by step; each name's points are one chunk."""
+    by step, and the chunk they went to."""
 
     series: dict[str, list[Point]] = field(default_factory=dict)
     chunks: dict[str, int] = field(default_factory=dict)  # name -> first_step of its chunk
@@ -66,8 +66,9 @@ class Stored:
 def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) -> Stored:
     """Store what is new (a retried batch adds nothing); return what was newly stored.
 
-    Each series of the batch becomes one chunk (a row of packed arrays) of its
-    steps not stored yet. A worker reports a series in step order, so the usual
+    Each series' steps not stored yet go into one chunk (a row of packed arrays):
+    the series' last chunk while it is small, else a new one. A worker reports a
+    series in step order, so the usual
     batch starts past the last step stored for its name (the job's latest_metrics
     keeps it) and nothing need be read; a retried, overlapping or late batch (a
     resumed attempt repeats the steps since its checkpoint) has the steps stored

@@ -132,3 +132,14 @@ def test_with_gather_the_lookups_of_tasks_woken_together_go_in_one_batch():
 
     assert asyncio.run(main()) == [1, 2] * 10
     assert table.batches == [["a", "b"]]
+
+
+def test_with_gather_and_room_for_more_batches_lookups_still_join_the_waiting_one():
+    table = Table()
+    reads = Coalesced(table.fetch, in_flight=4, gather=True)
+
+    async def main() -> list[int | None]:
+        return await asyncio.gather(*(reads.get(k) for k in ["a", "b", "a"] * 5))
+
+    assert asyncio.run(main()) == [1, 2, 1] * 5
+    assert table.batches == [["a", "b"]]
