@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.state.read_engine = read_engine(engine)
     app.state.async_reads = async_reads = AsyncReads(engine)
     app.state.shown_jobs = jobs.shown_jobs(app.state)
+    app.state.histories = jobs.histories(app.state)
     app.state.event_polls = EventPolls(sessions)
     app.state.read_sessions = make_read_sessions(engine)
     app.state.artifacts = artifacts

@@ -99,6 +99,14 @@ async def shown_by_id(reads: AsyncReads, engine: Engine, job_ids: list[str]) -> 
     return {row.id: row for row in rows}
 
 
+def owners(session: Session, job_ids: Collection[str]) -> dict[str, int]:
+    """The user id of each job found, by job id."""
+    if not job_ids:
+        return {}
+    stmt = select(JOBS.c.id, JOBS.c.user_id).where(JOBS.c.id.in_(list(job_ids)))
+    return {job_id: user_id for job_id, user_id in session.execute(stmt)}
+
+
 def get(session: Session, user_id: int, job_id: str) -> Job:
     """The user's job; another user's job is as absent as a missing one."""
     # Not an id at all ('..', a NUL byte): absent, without asking the database.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
     CurrentUser,
@@ -27,6 +29,7 @@ from app.api.schemas import (
     ValidateOut,
 )
 from app.async_reads import Coalesced
+from app.db import session_scope
 from app.errors import BadRequest, NotFound
 from app.ids import is_id
 from app.store import events, jobs, metrics
@@ -150,10 +153,14 @@ def cancel(job_id: str, user: CurrentUser, session: SessionDep) -> JobOut:
     return JobOut.of(jobs.cancel(session, user.id, job_id))
 
 
-@router.get("/{job_id}/metrics", response_model=dict[str, list[MetricPointOut]])
-def metric_history(
-    job: OwnedJob,
-    session: SessionDep,
+@shown.get(
+    "/{job_id}/metrics",
+    response_model=dict[str, list[MetricPointOut]],
+    openapi_extra=BEARER,
+)
+async def metric_history(
+    request: Request,
+    job_id: str,
     names: Annotated[
         str | None, Query(description="Comma-separated metric names; all when absent")
     ] = None,
@@ -164,11 +171,44 @@ def metric_history(
         int | None,
         Query(ge=4, le=100_000, description="Downsample each series to at most this many points"),
     ] = None,
-) -> dict[str, list[dict[str, Any]]]:
-    wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
-    return metrics.history(
-        session, job.id, names=wanted, since_step=since_step, max_points=max_points
-    )
+) -> Response:
+    """What a dashboard polls, with GET /jobs/{id}: reads made at the same moment with the
+    same question share one read and one rendering (see `histories`)."""
+    user = await authenticate(request)
+    if not is_id(job_id):
+        raise NotFound(f"no job {job_id!r}")
+    wanted = tuple(sorted({n.strip() for n in (names or "").split(",") if n.strip()}))
+    key = (job_id, user.id, wanted, since_step, max_points)
+    body = await request.app.state.histories.get(key)
+    if body is None:  # missing, or another user's: the same answer
+        raise NotFound(f"no job {job_id!r}")
+    return Response(body, media_type="application/json")
+
+
+HistoryKey = tuple[str, int, tuple[str, ...], int | None, int | None]
+
+
+def histories(state: Any) -> Coalesced[HistoryKey, bytes]:
+    """Answers of GET /jobs/{id}/metrics by (job, user, names, since_step, max_points),
+    coalesced (app.async_reads): the reads of a batch in one thread and transaction."""
+
+    def read(keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
+        with session_scope(state.sessions) as session:
+            owners = jobs.owners(session, sorted({key[0] for key in keys}))
+            out = {}
+            for key in keys:
+                job_id, user_id, names, since_step, max_points = key
+                if owners.get(job_id) == user_id:
+                    found = metrics.history(
+                        session, job_id, names=names, since_step=since_step, max_points=max_points
+                    )
+                    out[key] = json.dumps(found, separators=(",", ":")).encode()
+            return out
+
+    async def fetch(keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
+        return await run_in_threadpool(read, keys)
+
+    return Coalesced(fetch, in_flight=2)
 
 
 @router.get("/{job_id}/logs", response_model=LogsOut)
