@@ -108,7 +108,8 @@ class Served:
     """`processes` uvicorn processes serving `app` on one loopback socket.
 
     app: "torchyard" (app.main.create_app, settings from the environment) or
-    "floor" (a bare FastAPI route returning the JSON document in `floor_body`).
+    "floor" (a bare FastAPI route returning the JSON document in `floor_body`; with
+    `floor_metrics_body`, a second one answering GET /api/v1/jobs/{id}/metrics).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class Served:
         env: dict[str, str] | None = None,
         floor_body: Path | None = None,
         timeout_s: float = 60,
+        floor_metrics_body: Path | None = None,
     ):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -130,6 +132,8 @@ class Served:
         argv = [sys.executable, __file__, "serve", "--fd", str(fd), "--app", app]
         if floor_body is not None:
             argv += ["--floor-body", str(floor_body)]
+        if floor_metrics_body is not None:
+            argv += ["--floor-metrics-body", str(floor_metrics_body)]
         self.procs = [
             subprocess.Popen(
                 argv,
@@ -232,7 +236,9 @@ def _readline_before(proc: subprocess.Popen[str], deadline: float) -> str:
     return result[0] if result else ""
 
 
-def _serve(fd: int, app_name: str, floor_body: str | None) -> None:
+def _serve(
+    fd: int, app_name: str, floor_body: str | None, floor_metrics_body: str | None = None
+) -> None:
     """The body of one API process (run as `service_harness.py serve`)."""
     import uvicorn
 
@@ -241,7 +247,8 @@ def _serve(fd: int, app_name: str, floor_body: str | None) -> None:
 
         asgi: Any = create_app()
     else:
-        asgi = floor_app(json.loads(Path(floor_body or "").read_text()))
+        metrics = json.loads(Path(floor_metrics_body).read_text()) if floor_metrics_body else None
+        asgi = floor_app(json.loads(Path(floor_body or "").read_text()), metrics)
     config = uvicorn.Config(asgi, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
 
@@ -254,8 +261,9 @@ def _serve(fd: int, app_name: str, floor_body: str | None) -> None:
     server.run(sockets=[socket.socket(fileno=fd)])
 
 
-def floor_app(document: dict[str, Any]) -> Any:
-    """The framework floor: FastAPI answering GET /api/v1/jobs/{id} with a constant document."""
+def floor_app(document: dict[str, Any], metrics: dict[str, Any] | None = None) -> Any:
+    """The framework floor: FastAPI answering GET /api/v1/jobs/{id} with a constant document
+    (and GET /api/v1/jobs/{id}/metrics with another, when `metrics` is given)."""
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -263,6 +271,12 @@ def floor_app(document: dict[str, Any]) -> Any:
     @app.get(API + "/jobs/{job_id}")
     async def get_job(job_id: str) -> dict[str, Any]:
         return document
+
+    if metrics is not None:
+
+        @app.get(API + "/jobs/{job_id}/metrics")
+        async def get_metrics(job_id: str) -> dict[str, Any]:
+            return metrics
 
     return app
 
@@ -286,11 +300,18 @@ def npz_bytes(rows: int = 64, features: int = 4, classes: int = 3) -> bytes:
     return buffer.getvalue()
 
 
-def job_spec(dataset_id: str, epochs: int = 3) -> dict[str, Any]:
-    """A small job of the kind a user submits: an MLP on an uploaded NPZ, trained on CPU."""
-    return {
+def job_spec(
+    dataset_id: str,
+    epochs: int = 3,
+    *,
+    batch_size: int = 16,
+    log_every_n_steps: int | None = None,
+) -> dict[str, Any]:
+    """A small job of the kind a user submits: an MLP on an uploaded NPZ, trained on CPU.
+    `log_every_n_steps` None leaves the service's default."""
+    spec: dict[str, Any] = {
         "name": "bench-mlp",
-        "data": {"train": dataset_id, "inputs": "x", "targets": "y", "batch_size": 16},
+        "data": {"train": dataset_id, "inputs": "x", "targets": "y", "batch_size": batch_size},
         "model": {
             "layers": [
                 {"type": "linear", "out_features": 64},
@@ -305,6 +326,9 @@ def job_spec(dataset_id: str, epochs: int = 3) -> dict[str, Any]:
             "device": "cpu",
         },
     }
+    if log_every_n_steps is not None:
+        spec["training"]["log_every_n_steps"] = log_every_n_steps
+    return spec
 
 
 def expect(response: httpx.Response, status: int) -> Any:
@@ -316,8 +340,9 @@ def expect(response: httpx.Response, status: int) -> Any:
     return response.json() if response.content else None
 
 
-def upload_dataset(user: httpx.Client) -> str:
-    response = user.post("/datasets", files={"file": ("train.npz", npz_bytes())})
+def upload_dataset(user: httpx.Client, data: bytes | None = None) -> str:
+    """Upload `data` (an NPZ; npz_bytes() when None) as a dataset; its id."""
+    response = user.post("/datasets", files={"file": ("train.npz", data or npz_bytes())})
     return expect(response, 201)["id"]
 
 
@@ -376,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--fd", type=int, required=True)
     serve.add_argument("--app", choices=["torchyard", "floor"], required=True)
     serve.add_argument("--floor-body")
+    serve.add_argument("--floor-metrics-body")
     args = parser.parse_args(argv)
-    _serve(args.fd, args.app, args.floor_body)
+    _serve(args.fd, args.app, args.floor_body, args.floor_metrics_body)
     return 0
 
 
