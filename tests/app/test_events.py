@@ -155,7 +155,11 @@ def test_watchers_of_a_job_share_one_poll_a_tick_and_each_gets_every_event(
     ]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)  # six ticks, all watchers attached and caught up
+    deadline = time.monotonic() + 20
+    while not all(seen) and time.monotonic() < deadline:  # all attached and caught up
+        time.sleep(0.05)
+    assert all(seen)
+    time.sleep(0.5)
     calls.clear()
     time.sleep(1.0)
     # one poll a tick (every 0.25 s) for the twelve, each at the same cursor: one key
