@@ -272,21 +272,30 @@ def history(
     # The chunks' sizes first (a few rows: a chunk holds up to CHUNK_POINTS points):
     # every series short enough is then read whole, all of them in one query; only
     # longer ones take the rollups.
-    ranges = select(CHUNKS.c.name, CHUNKS.c["count"]).where(CHUNKS.c.job_id == job_id)
+    ranges = select(
+        CHUNKS.c.name, CHUNKS.c["count"], CHUNKS.c.first_step, CHUNKS.c.last_step
+    ).where(CHUNKS.c.job_id == job_id)
     if names:
         ranges = ranges.where(CHUNKS.c.name.in_(list(names)))
     if since_step is not None:
         ranges = ranges.where(CHUNKS.c.last_step > since_step)
-    sizes: dict[str, int] = {}
-    for name, count in session.execute(ranges):
-        sizes[name] = sizes.get(name, 0) + count
-    whole = [n for n, size in sizes.items() if max_points is None or size <= max_points]
+    spans: dict[str, tuple[int, int, int]] = {}  # name -> (points, first step, last step)
+    for name, count, first, last in session.execute(ranges):
+        seen = spans.get(name)
+        spans[name] = (
+            (count, first, last)
+            if seen is None
+            else (seen[0] + count, min(seen[1], first), max(seen[2], last))
+        )
+    whole = [n for n, span in spans.items() if max_points is None or span[0] <= max_points]
     out = {
         name: [_point(p) for p in pts] for name, pts in _series(session, job_id, whole, since_step)
     }
-    for name in sizes:
+    for name, span in spans.items():
         if name not in whole and max_points is not None:
-            points = _downsampled(session, job_id, name, since_step, max_points)
+            # without since_step the span is exact: no need to read the head for it
+            known = span if since_step is None else None
+            points = _downsampled(session, job_id, name, since_step, max_points, known)
             out[name] = [_point(p) for p in points]
     return {name: out[name] for name in sorted(out) if out[name]}
 
@@ -401,14 +410,24 @@ def _last_step(session: Session, job_id: str, name: str) -> int | None:
 
 
 def _downsampled(
-    session: Session, job_id: str, name: str, since_step: int | None, max_points: int
+    session: Session,
+    job_id: str,
+    name: str,
+    since_step: int | None,
+    max_points: int,
+    known: tuple[int, int, int] | None = None,
 ) -> list[Point]:
-    head = _points(session, job_id, name, after=since_step, limit=max_points + 1)
-    if len(head) <= max_points:
-        return head  # short enough already: every point
-    lo = head[0][0]
-    hi = _last_step(session, job_id, name)
-    assert hi is not None  # head is not empty
+    """`known`: the whole series' (points, first step, last step), when the caller has it."""
+    if known is not None and known[0] > max_points:
+        lo, hi = known[1], known[2]
+    else:
+        head = _points(session, job_id, name, after=since_step, limit=max_points + 1)
+        if len(head) <= max_points:
+            return head  # short enough already: every point
+        lo = head[0][0]
+        last = _last_step(session, job_id, name)
+        assert last is not None  # head is not empty
+        hi = last
     budget = max(1, max_points // 4)
     k = 0
     while (hi >> k) - (lo >> k) + 1 > budget:
