@@ -10,7 +10,6 @@ send it. Twenty watchers of a job cost about what one does.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from functools import cached_property
 from typing import Any
 
 import anyio
+import orjson
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -40,8 +40,8 @@ class Event:
     def frame(self) -> bytes:
         """The wire format of docs/service.md: `id: <row id>\\nevent: <kind>\\ndata: <json>\\n\\n`
         (rendered once, however many watchers send it)."""
-        data = json.dumps(self.data, separators=(",", ":"))
-        return f"id: {self.id}\nevent: {self.kind}\ndata: {data}\n\n".encode()
+        data = orjson.dumps(self.data)
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.kind.encode(), data)
 
 
 Polled = tuple[list[Event], str | None]  # events after a cursor, and the job's status

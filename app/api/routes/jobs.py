@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -202,7 +202,7 @@ def histories(state: Any) -> Coalesced[HistoryKey, bytes]:
                     found = metrics.history(
                         session, job_id, names=names, since_step=since_step, max_points=max_points
                     )
-                    out[key] = json.dumps(found, separators=(",", ":")).encode()
+                    out[key] = orjson.dumps(found)
             return out
 
     async def fetch(keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
