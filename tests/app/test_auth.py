@@ -14,6 +14,7 @@ def test_requests_without_or_with_a_bad_token_are_401(server, queued_job):
         ("POST", "/jobs/validate"),
         ("GET", f"/jobs/{queued_job['id']}"),
         ("GET", f"/jobs/{queued_job['id']}/events"),
+        ("GET", f"/jobs/{queued_job['id']}/metrics"),
         ("GET", f"/jobs/{queued_job['id']}/checkpoints/best"),
         ("GET", "/datasets"),
         ("POST", "/datasets"),
@@ -41,6 +42,7 @@ def test_another_users_job_dataset_and_checkpoints_are_404(server, user, dataset
         for path in (
             f"/jobs/{job}",
             f"/jobs/{job}/metrics",
+            f"/jobs/{job}/events",
             f"/jobs/{job}/logs",
             f"/jobs/{job}/checkpoints",
             f"/jobs/{job}/checkpoints/best",

@@ -36,7 +36,8 @@ from app.store import events, jobs, metrics
 from app.submission import check_spec, submit_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
-# GET /jobs/{id} authenticates inside the route (see get_job); documented as the others.
+# The hot polls (GET /jobs/{id}, its metrics) authenticate inside the route, skipping
+# the dependency machinery (see get_job); they are documented as the others.
 shown = APIRouter(prefix="/jobs", tags=["jobs"])
 BEARER: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
 
