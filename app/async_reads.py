@@ -1,6 +1,6 @@
-"""Reads of one statement on the event loop, for the hottest route (GET /jobs/{id}).
+"""Reads for the hottest routes (the polls of GET /jobs/{id}, its metrics, its events).
 
-On Postgres a small pool of psycopg async connections answers them without a
+`AsyncReads`: reads of one statement on the event loop. On Postgres a small pool of psycopg async connections answers them without a
 thread hop: under load, each request's hop to the thread pool (and the GIL
 handed back and forth with it) costs more than the query. On SQLite, whose
 driver has no async API, the same read runs in the thread pool.
@@ -10,6 +10,8 @@ The pool is ours and small on purpose: a connection is made when none is idle
 a wait for a pool that retries in the background); one that fails is dropped;
 a read that fails on a connection idle across a database restart is retried
 once on a fresh one.
+
+`Coalesced`: lookups made at the same moment answered by one batch read.
 """
 
 from __future__ import annotations
@@ -42,10 +44,6 @@ class AsyncReads:
             self._conninfo = url.render_as_string(hide_password=False)
         self._idle: list[tuple[float, Any]] = []  # (returned at, connection)
         self._slots: asyncio.Semaphore | None = None
-
-    @property
-    def native(self) -> bool:
-        return self._conninfo is not None
 
     async def fetch_all(
         self, sql: str, params: tuple[Any, ...], fallback: Callable[[], T]
