@@ -18,7 +18,7 @@ from app.async_reads import AsyncReads
 from app.db import read_scope
 from app.errors import Conflict, NotFound
 from app.ids import is_id, new_id
-from app.models import TERMINAL_STATUSES, Job, JobDataset, User, utcnow
+from app.models import TERMINAL_STATUSES, Job, JobDataset, JobEvent, User, utcnow
 from app.store import events
 
 
@@ -99,12 +99,21 @@ async def shown_by_id(reads: AsyncReads, engine: Engine, job_ids: list[str]) -> 
     return {row.id: row for row in rows}
 
 
-def owners(session: Session, job_ids: Collection[str]) -> dict[str, int]:
-    """The user id of each job found, by job id."""
+def owners(session: Session, job_ids: Collection[str]) -> dict[str, tuple[int, int]]:
+    """(user id, id of its latest event) of each job found, by job id.
+
+    Every report appends an event under the job's row lock, so a job's event ids
+    grow in commit order: an unchanged latest id means nothing was reported since.
+    """
     if not job_ids:
         return {}
-    stmt = select(JOBS.c.id, JOBS.c.user_id).where(JOBS.c.id.in_(list(job_ids)))
-    return {job_id: user_id for job_id, user_id in session.execute(stmt)}
+    latest = (
+        select(func.coalesce(func.max(JobEvent.id), 0))
+        .where(JobEvent.job_id == JOBS.c.id)
+        .scalar_subquery()
+    )
+    stmt = select(JOBS.c.id, JOBS.c.user_id, latest).where(JOBS.c.id.in_(list(job_ids)))
+    return {job_id: (user_id, version) for job_id, user_id, version in session.execute(stmt)}
 
 
 def get(session: Session, user_id: int, job_id: str) -> Job:

@@ -285,3 +285,37 @@ def test_small_batches_fill_one_chunk_per_series_and_events_keep_each_batchs_poi
     ]
     streamed = [e["data"]["points"] for e in read_events(user, job_id) if e["event"] == "metrics"]
     assert streamed == [*sent, big]
+
+
+def test_a_history_is_read_again_only_after_the_job_reported_and_never_stale(
+    server, user, queued_job, monkeypatch
+):
+    """Dashboards polling between two reports share one read; a poll made after a report
+    (or any event) always sees it."""
+    import app.api.routes.jobs as routes
+
+    reads: list[str] = []
+    real = routes.metrics.history
+
+    def counting(session, job_id, **kwargs):
+        reads.append(job_id)
+        return real(session, job_id, **kwargs)
+
+    monkeypatch.setattr(routes.metrics, "history", counting)
+    attempt = claim(server, queued_job["id"])
+    url = f"/jobs/{queued_job['id']}/metrics"
+    attempt.post("metrics", {"points": points(1.0, 2.0)})
+    first = user.get(url, params={"max_points": 100}).json()
+    for _ in range(5):
+        assert user.get(url, params={"max_points": 100}).json() == first
+    assert len(reads) == 1  # nothing reported since: the same answer, not read again
+    attempt.post("metrics", {"points": points(3.0, start=2)})
+    after = user.get(url, params={"max_points": 100}).json()
+    assert [p["value"] for p in after["loss"]] == [1.0, 2.0, 3.0]  # read-your-writes
+    assert len(reads) == 2
+    attempt.post("logs", {"lines": ["any event"]})  # any report: read again (cheap, safe)
+    assert user.get(url, params={"max_points": 100}).json() == after
+    assert len(reads) == 3
+    # another question is another answer
+    assert user.get(url, params={"names": "loss"}).json() == after
+    assert len(reads) == 4

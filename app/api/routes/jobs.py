@@ -187,23 +187,41 @@ async def metric_history(
 
 
 HistoryKey = tuple[str, int, tuple[str, ...], int | None, int | None]
+KEPT_HISTORIES = 1_000  # answers an API process keeps (see `histories`)
 
 
 def histories(state: Any) -> Coalesced[HistoryKey, bytes]:
     """Answers of GET /jobs/{id}/metrics by (job, user, names, since_step, max_points),
-    coalesced (app.async_reads): the reads of a batch in one thread and transaction."""
+    coalesced (app.async_reads): the reads of a batch in one thread and transaction.
+
+    An answer is kept with the id of the job's latest event when it was read, and
+    given again while that id is unchanged (a job's event ids grow in commit order,
+    and every metrics report appends one): dashboards polling a job between two of
+    its worker's reports share one read. The id is read after the poll arrived, so
+    a poll still sees everything committed before it.
+    """
+    kept: dict[HistoryKey, tuple[int, bytes]] = {}
 
     def read(keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
         with session_scope(state.sessions) as session:
-            owners = jobs.owners(session, sorted({key[0] for key in keys}))
+            found = jobs.owners(session, sorted({key[0] for key in keys}))
             out = {}
             for key in keys:
                 job_id, user_id, names, since_step, max_points = key
-                if owners.get(job_id) == user_id:
-                    found = metrics.history(
-                        session, job_id, names=names, since_step=since_step, max_points=max_points
-                    )
-                    out[key] = orjson.dumps(found)
+                owner, version = found.get(job_id, (None, 0))
+                if owner != user_id:
+                    continue
+                hit = kept.get(key)
+                if hit is not None and hit[0] == version:
+                    out[key] = hit[1]
+                    continue
+                history = metrics.history(
+                    session, job_id, names=names, since_step=since_step, max_points=max_points
+                )
+                out[key] = orjson.dumps(history)
+                if len(kept) >= KEPT_HISTORIES:
+                    kept.clear()
+                kept[key] = (version, out[key])
             return out
 
     async def fetch(keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
