@@ -149,9 +149,10 @@ def test_watchers_of_a_job_share_one_poll_a_tick_and_each_gets_every_event(
     monkeypatch.setattr(stream, "_poll_many", counting_poll)
     watchers = 12
     seen: list[list[dict[str, Any]]] = [[] for _ in range(watchers)]
+    clients = [httpx.Client(base_url=user.base_url, headers=user.headers) for _ in seen]
     threads = [
-        threading.Thread(target=read_events, args=(user, queued_job["id"]), kwargs={"into": got})
-        for got in seen
+        threading.Thread(target=read_events, args=(c, queued_job["id"]), kwargs={"into": got})
+        for c, got in zip(clients, seen, strict=True)
     ]
     for thread in threads:
         thread.start()
@@ -168,6 +169,8 @@ def test_watchers_of_a_job_share_one_poll_a_tick_and_each_gets_every_event(
     run_to_the_end(server, queued_job["id"])
     for thread in threads:
         thread.join(timeout=20)
+    for c in clients:
+        c.close()
     kinds = [[e["event"] for e in got] for got in seen]
     assert all(k == kinds[0] for k in kinds) and kinds[0][-1] == "end"
     assert "metrics" in kinds[0]
