@@ -26,7 +26,7 @@ from tests.faults.conftest import (
 )
 from tests.test_service_e2e import upload_digits, wait_for
 
-EPOCHS = 6
+EPOCHS = 12  # long enough that a checkpoint reaches the API before the run ends, even loaded
 
 
 def _running_worker(stack, job_id: str) -> str:
