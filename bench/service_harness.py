@@ -11,6 +11,7 @@ delayed ACKs).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import json
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,87 @@ def floor_app(document: dict[str, Any], metrics: dict[str, Any] | None = None) -
 
 
 # ------------------------------------------------------------------ HTTP calls
+
+
+class Malformed(Exception):
+    """An answer that is not the HTTP/1.1 (or SSE) the client asked for."""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: GET, answers with a Content-Length or chunked."""
+
+    def __init__(self, port: int, token: str):
+        self.port, self.token = port, token
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def request(self, path: str, headers: str) -> bytes:
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Authorization: Bearer {self.token}\r\n{headers}\r\n"
+        ).encode()
+
+    async def send(self, request: bytes) -> tuple[int, dict[bytes, bytes]]:
+        """Send a request; the status code and headers of its answer (the body is next)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        status = lines[0][9:12]
+        if not lines[0].startswith(b"HTTP/1.1 ") or not status.isdigit():
+            raise Malformed(f"status line {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise Malformed(f"header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        return int(status), headers
+
+    async def body_pieces(self, headers: dict[bytes, bytes]) -> AsyncIterator[bytes]:
+        """The answer's body as it arrives (one piece a chunk); then the connection is ready
+        for the next request, or closed if the server said so."""
+        reader = self.reader
+        assert reader is not None
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            while True:
+                line = await reader.readuntil(b"\r\n")
+                try:
+                    size = int(line.split(b";")[0], 16)
+                except ValueError:
+                    raise Malformed(f"chunk size {line[:40]!r}") from None
+                if size == 0:
+                    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, blank line
+                        pass
+                    break
+                piece = await reader.readexactly(size + 2)
+                if piece[-2:] != b"\r\n":
+                    raise Malformed("a chunk not followed by CRLF")
+                yield piece[:-2]
+        elif b"content-length" in headers:
+            try:
+                length = int(headers[b"content-length"])
+            except ValueError:
+                raise Malformed(f"content-length {headers[b'content-length'][:40]!r}") from None
+            yield await reader.readexactly(length)
+        else:
+            raise Malformed("neither Content-Length nor chunked on a keep-alive answer")
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+
+    async def body(self, headers: dict[bytes, bytes]) -> bytes:
+        return b"".join([piece async for piece in self.body_pieces(headers)])
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        status, headers = await self.send(self.request(path, "Accept: application/json\r\n"))
+        return status, await self.body(headers)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
 def client(base_url: str, token: str | None = None) -> httpx.Client:

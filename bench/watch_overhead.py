@@ -62,25 +62,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from service_harness import (
     API,
     REDIS_URL,
+    Connection,
     Served,
     Settings,
     Worker,
@@ -88,6 +86,7 @@ from service_harness import (
     database,
     expect,
     migrate,
+    npz_bytes,
     percentile,
     print_table,
     scratch,
@@ -99,17 +98,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------- the job
-
-
-def dataset_bytes(rows: int, features: int = 64, classes: int = 10) -> bytes:
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        x=rng.normal(size=(rows, features)).astype("float32"),
-        y=rng.integers(0, classes, size=rows).astype("int64"),
-    )
-    return buffer.getvalue()
 
 
 def watched_spec(dataset_id: str, epochs: int) -> dict[str, Any]:
@@ -144,59 +132,6 @@ def watched_spec(dataset_id: str, epochs: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------- a minimal HTTP client
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection: GET with a Content-Length or chunked body."""
-
-    def __init__(self, port: int, token: str):
-        self.port, self.token = port, token
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    def request(self, path: str, headers: str = "") -> bytes:
-        return (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-            f"Authorization: Bearer {self.token}\r\n{headers}\r\n"
-        ).encode()
-
-    async def send(self, request: bytes) -> tuple[bytes, dict[bytes, bytes]]:
-        """Send a request; the status code and headers of its answer (the body is next)."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")  # type: ignore[union-attr]
-        lines = head.split(b"\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        return lines[0][9:12], headers
-
-    async def body_pieces(self, headers: dict[bytes, bytes]) -> AsyncIterator[bytes]:
-        reader = self.reader
-        assert reader is not None
-        if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
-            yield await reader.readexactly(int(headers.get(b"content-length", b"0")))
-            return
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, then a blank line
-                    pass
-                return
-            piece = await reader.readexactly(size + 2)
-            yield piece[:-2]
-
-    async def get(self, path: str) -> tuple[bytes, bytes]:
-        status, headers = await self.send(self.request(path, "Accept: application/json\r\n"))
-        body = b"".join([piece async for piece in self.body_pieces(headers)])
-        return status, body
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 # ------------------------------------------------------------------ the load
@@ -235,9 +170,9 @@ async def watch(port: int, token: str, job_id: str, tally: Tally, done: asyncio.
         try:
             status, headers = await conn.send(request)
             tally.streams += 1
-            if status != b"200":
+            if status != 200:
                 body = b"".join([piece async for piece in conn.body_pieces(headers)])
-                tally.error(f"events: {status.decode()} {body[:200].decode(errors='replace')}")
+                tally.error(f"events: {status} {body[:200].decode(errors='replace')}")
             else:
                 buffer = b""
                 async for piece in conn.body_pieces(headers):
@@ -295,8 +230,8 @@ async def poll(
                     continue
                 tally.latencies.append(time.perf_counter() - started)
                 tally.requests += 1
-                if status != b"200":
-                    tally.error(f"GET {path}: {status.decode()} {body[:200].decode()}")
+                if status != 200:
+                    tally.error(f"GET {path}: {status} {body[:200].decode()}")
             next_at += period
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), max(0.0, next_at - time.perf_counter()))
@@ -317,10 +252,10 @@ async def until_finished(
             except DROPPED as exc:
                 conn.close()
                 tally.error(f"status check: connection dropped ({type(exc).__name__})")
-                status, body = b"", b""
-            if status not in (b"200", b""):
-                tally.error(f"status check: {status.decode()} {body[:200].decode()}")
-            if status == b"200":
+                status, body = 0, b""
+            if status not in (200, 0):
+                tally.error(f"status check: {status} {body[:200].decode()}")
+            if status == 200:
                 for word in TERMINAL:
                     if f'"status":"{word}"'.encode() in body:
                         return
@@ -539,7 +474,7 @@ def main() -> int:
             Worker(settings, served.url, name="w0", extra_env=worker_env) as worker,
             client(served.url, settings.token) as user,
         ):
-            upload = {"file": ("train.npz", dataset_bytes(args.rows))}
+            upload = {"file": ("train.npz", npz_bytes(args.rows, features=64, classes=10))}
             dataset_id = expect(user.post("/datasets", files=upload), 201)["id"]
             spec = watched_spec(dataset_id, args.epochs)
             # Unmeasured: the worker caches the dataset; connections and tokens warm up.
