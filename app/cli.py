@@ -122,6 +122,25 @@ def schema() -> None:
     sys.stdout.write(json.dumps(job_schema(), indent=2) + "\n")
 
 
+def _max_params() -> int:
+    """TORCHYARD_MAX_PARAMS alone: checking a spec needs none of the service's settings, so a
+    shell set up for a deployed service (no secrets at hand) can still validate."""
+    from pydantic import ValidationError
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    from app.config import Settings
+
+    class Limits(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="TORCHYARD_", extra="ignore")
+        max_params: int = Settings.model_fields["max_params"]
+
+    try:
+        return Limits().max_params
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        raise _fail(f"TORCHYARD_MAX_PARAMS: {error['msg']}, found {error.get('input')!r}") from None
+
+
 @app.command()
 def validate(
     spec_path: SpecArg,
@@ -129,15 +148,12 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Check a spec and print the model summary (built on the meta device: no weights allocated)."""
-    from app.config import get_settings
     from worker.build import build_model
 
     spec = _load_spec(spec_path)
     inputs, targets = _fields(spec, spec_path, input_shape)
     try:
-        built = build_model(
-            spec, inputs, targets, device="meta", max_params=get_settings().max_params
-        )
+        built = build_model(spec, inputs, targets, device="meta", max_params=_max_params())
     except SpecError as exc:
         raise _fail([str(issue) for issue in exc.issues]) from None
     if as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHYARD = [sys.executable, "-m", "app.cli"]
 
 
-def torchyard(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+def torchyard(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [*TORCHYARD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -133,3 +136,140 @@ def test_docs_layers_md_is_current():
 
     text = (ROOT / "docs" / "layers.md").read_text()
     assert layer_schema()["description"] in text, "regenerate docs/layers.md from layer_schema()"
+
+
+def _hostile(layers: list | None = None, graph: dict | None = None) -> dict:
+    spec = json.loads((ROOT / "examples" / "digits_cnn.json").read_text())
+    spec["data"]["train"] = "does-not-exist.npz"
+    if layers is not None:
+        spec["model"]["layers"] = layers
+    if graph is not None:
+        spec["model"] = graph
+    return spec
+
+
+FLAT = {"type": "flatten"}
+HOSTILE = {
+    "kernel_larger_than_input": (
+        _hostile([{"type": "conv2d", "out_channels": 4, "kernel_size": 20}, FLAT]),
+        "model.layers[0]: conv2d cannot take input (batch, 1, 8, 8): kernel size (20, 20) is "
+        "larger than the input (8, 8, after padding)",
+    ),
+    "negative_out_features": (
+        _hostile([FLAT, {"type": "linear", "out_features": -5}]),
+        "model.layers[1].out_features: expected a positive integer, found -5",
+    ),
+    "string_for_an_integer": (
+        _hostile([FLAT, {"type": "linear", "out_features": "10"}]),
+        "model.layers[1].out_features: expected an integer, found '10'",
+    ),
+    "in_naming_itself": (
+        _hostile(
+            graph={
+                "nodes": [
+                    {"name": "a", "type": "relu", "in": "a"},
+                    {"name": "b", "type": "flatten", "in": "input"},
+                    {"name": "c", "type": "linear", "out_features": 64, "in": "b"},
+                    {"name": "out", "type": "add", "in": ["a", "c"]},
+                ],
+                "outputs": "out",
+            }
+        ),
+        "model.nodes: cycle a -> a",
+    ),
+    "over_the_parameter_limit": (
+        _hostile([FLAT, {"type": "linear", "out_features": 10_000_000}]),
+        "model: 650,000,000 parameters, more than the limit of 500,000,000",
+    ),
+    "unknown_layer_type": (
+        _hostile([{"type": "Conv2", "out_channels": 4, "kernel_size": 3}, FLAT]),
+        "model.layers[0].type: unknown layer type 'Conv2' (closest: conv2d",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_specs_get_one_line_with_path_and_message(tmp_path, case):
+    spec, expected = HOSTILE[case]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    run = torchyard("validate", str(path), "--input-shape", "x=1,8,8")
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr + run.stdout
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"error: {expected}"), run.stderr
+
+
+def test_deeply_nested_and_non_finite_json_are_one_line(tmp_path):
+    spec = json.dumps(
+        _hostile([FLAT, {"type": "dropout", "p": 0.25}, {"type": "linear", "out_features": 10}])
+    )
+    assert '"p": 0.25' in spec and '"out_features": 10' in spec
+    deep = tmp_path / "deep.json"
+    deep.write_text(spec.replace('"out_features": 10', '"out_features": ' + "[" * 100_000))
+    nan = tmp_path / "nan.json"
+    nan.write_text(spec.replace('"p": 0.25', '"p": NaN'))
+    for path, expected in [
+        (deep, "error: JSON nested too deeply\n"),
+        (nan, "error: model.layers[1].p: expected a finite number, found nan\n"),
+    ]:
+        run = torchyard("validate", str(path), "--input-shape", "x=1,8,8")
+        assert (run.returncode, run.stderr) == (1, expected)
+
+
+def test_validate_takes_the_parameter_limit_from_the_environment(tmp_path):
+    path = ROOT / "examples" / "digits_cnn.json"
+    small = torchyard(
+        "validate", str(path), "--input-shape", "x=1,8,8", env={"TORCHYARD_MAX_PARAMS": "1000"}
+    )
+    assert small.returncode == 1
+    assert small.stderr == "error: model: 151,498 parameters, more than the limit of 1,000\n"
+    bad = torchyard(
+        "validate", str(path), "--input-shape", "x=1,8,8", env={"TORCHYARD_MAX_PARAMS": "many"}
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: TORCHYARD_MAX_PARAMS: ")
+    assert bad.stderr.count("\n") == 1 and "'many'" in bad.stderr
+
+
+def test_validate_needs_none_of_the_services_settings(tmp_path):
+    """A shell set up for a deployed service (Postgres, no secrets here) still validates."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHYARD_")}
+    env["TORCHYARD_DATABASE_URL"] = "postgresql+psycopg://user@db.invalid/torchyard"
+    run = subprocess.run(
+        [
+            *TORCHYARD,
+            "validate",
+            str(ROOT / "examples" / "digits_cnn.json"),
+            "--input-shape",
+            "x=1,8,8",
+        ],
+        cwd=tmp_path,
+        env={**env, "COLUMNS": "200", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Total params: 151,498" in run.stdout
+
+
+def _readme_spec_examples() -> dict[str, dict]:
+    """Each `### ... (`examples/NAME.json`)` heading of README's spec section and its JSON."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The job spec") : text.index("### Sections")]
+    found = {}
+    for match in re.finditer(
+        r"### [^\n]*\(`examples/([\w.]+)`\)\n.*?```json\n(.*?)```", section, re.S
+    ):
+        found[match[1]] = json.loads(match[2])
+    return found
+
+
+def test_readme_shows_each_model_kind_as_its_example_file():
+    examples = _readme_spec_examples()
+    assert set(examples) == {"digits_cnn.json", "digits_graph.json"}
+    assert "layers" in examples["digits_cnn.json"]["model"]
+    assert "nodes" in examples["digits_graph.json"]["model"]
+    for name, shown in examples.items():
+        assert shown == json.loads((ROOT / "examples" / name).read_text()), name

@@ -244,6 +244,12 @@ class _Builder:
         for name in self.input_names:
             if name not in self.fields:
                 self.error(self._input_path(name), f"no field information for input '{name}'")
+            elif any(d <= 0 for d in self.fields[name].shape):
+                self.error(
+                    self._input_path(name),
+                    f"input '{name}' has a dimension of size zero or below: "
+                    f"{show_shape(tuple(self.fields[name].shape))}",
+                )
         if self.issues:
             raise SpecError(self.issues)
         self.shapes = {name: tuple(self.fields[name].shape) for name in self.input_names}
@@ -398,7 +404,7 @@ class _Builder:
                 f"'share' reuses node '{node.share}' as it is (module, arguments and init); "
                 f"remove {', '.join(extra)}",
             )
-        seen = {node.name}
+        seen = {node.name: None}  # a dict: ordered, for the message
         target = node
         while target.share:
             if target.share not in self.by_name:
@@ -412,7 +418,7 @@ class _Builder:
                     path, f"node '{node.name}' shares itself ({' -> '.join([*seen, target.share])})"
                 )
                 return
-            seen.add(target.share)
+            seen[target.share] = None
             target = self.by_name[target.share]
         if target.layer is None:
             return  # the owner's own error is reported already
@@ -860,6 +866,8 @@ def _torch_message(exc: BaseException) -> str:
         return f"a dimension goes to zero or below (output {show_shape(dims)})"
     if "Invalid computed output size" in text:
         return "a dimension goes to zero or below"
+    if isinstance(exc, OverflowError) or "verflow" in text:
+        return "a size is too large for torch (overflow)"
     first = text.splitlines()[0].strip() if text else ""
     return first.rstrip(".") or type(exc).__name__
 

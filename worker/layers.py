@@ -84,7 +84,13 @@ def _integer(minimum: int | None) -> Callable[[Any], int]:
 def _number(value: Any) -> float:
     if not _is_number(value):
         raise _Invalid
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past float's range: 10**400
+        raise _Invalid("a finite number") from None
+    if not math.isfinite(number):  # NaN and Infinity are not JSON, but Python's parser takes them
+        raise _Invalid("a finite number")
+    return number
 
 
 def _boolean(value: Any) -> bool:

@@ -68,9 +68,10 @@ def by_kind(**branches: Any) -> Any:
 
 
 class Strict(BaseModel):
-    """Base for spec sections: unknown keys are errors, not silently ignored."""
+    """Base for spec sections: unknown keys are errors, not silently ignored; numbers are finite
+    (NaN and Infinity are not JSON, though Python's parser takes them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------- data

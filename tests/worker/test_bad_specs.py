@@ -3,6 +3,7 @@ what was expected, all problems at once, and never as a traceback."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -214,6 +215,19 @@ def test_cycle():
     assert problems(spec) == {"model.nodes": "cycle a -> b -> a"}
 
 
+def test_node_whose_in_names_itself():
+    spec = nodes(
+        [
+            {"name": "a", "type": "relu", "in": "a"},
+            {"name": "out", **dense(1), "in": ["a"]},
+        ]
+    )
+    assert problems(spec) == {
+        "model.nodes": "cycle a -> a",
+        "data.inputs": "input 'input' is not used by any node",
+    }
+
+
 def test_node_used_by_nobody():
     spec = nodes(
         [
@@ -251,6 +265,19 @@ def test_in_list_names_the_bad_entry():
     spec = nodes([{"name": "out", "type": "add", "in": ["input", "inptu"]}])
     found = problems(spec)
     assert found["model.nodes[0].in[1]"].startswith("unknown node 'inptu'")
+
+
+def test_graph_without_outputs_or_a_node_without_in():
+    with pytest.raises(SpecError) as caught:
+        make_spec({"nodes": [{"name": "h", **dense(), "in": "input"}]})
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("model", "a graph model needs 'outputs' naming its output node(s)")
+    ]
+    with pytest.raises(SpecError) as caught:
+        nodes([{"name": "out", **dense()}])
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("model.nodes[0].in", "missing (required)")
+    ]
 
 
 def test_output_naming_an_unknown_node():
@@ -338,6 +365,18 @@ def test_share_of_an_unknown_node():
     assert found["model.nodes[0].share"].startswith("unknown node 'hh' (known: out, h)")
 
 
+def test_share_of_itself():
+    spec = nodes(
+        [
+            {"name": "a", "share": "b", "in": "input"},
+            {"name": "b", "share": "a", "in": "input"},
+            {"name": "out", "type": "add", "in": ["a", "b"]},
+        ]
+    )
+    found = problems(spec)
+    assert found["model.nodes[0].share"] == "node 'a' shares itself (a -> b -> a)"
+
+
 def test_share_with_incompatible_input():
     spec = nodes(
         [
@@ -384,6 +423,60 @@ def test_model_larger_than_the_limit():
     assert found == {"model": "1,018,000 parameters, more than the limit of 100,000"}
 
 
+def test_default_parameter_limit_is_500_million():
+    # counted on the meta device: nothing is allocated
+    found = problems(layers(dense(30_000), dense(20_000)))
+    assert found == {"model": "600,530,000 parameters, more than the limit of 500,000,000"}
+    build_model(layers(dense(30_000), dense(10_000)), {"input": floats(16)})  # 300.5 million
+
+
+def test_a_size_too_large_for_torch_is_one_line():
+    found = problems(layers({"type": "linear", "out_features": 10**30}))
+    assert found == {"model.layers[0]": "linear: a size is too large for torch (overflow)"}
+
+
+@pytest.mark.parametrize(
+    ("arg", "value", "message"),
+    [
+        ("p", float("nan"), "expected a finite number, found nan"),
+        ("p", float("inf"), "expected a finite number, found inf"),
+        ("p", 10**400, "expected a finite number, found 1000000000"),
+    ],
+)
+def test_layer_numbers_must_be_finite(arg, value, message):
+    found = problems(layers({"type": "dropout", arg: value}))
+    assert list(found) == [f"model.layers[0].{arg}"]
+    assert found[f"model.layers[0].{arg}"].startswith(message)
+
+
+def test_spec_numbers_must_be_finite():
+    with pytest.raises(SpecError) as caught:
+        layers(dense(), training={"optimizer": {"weight_decay": float("inf")}})
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("training.optimizer.weight_decay", "input should be a finite number, found inf")
+    ]
+    # NaN is not JSON, but Python's parser takes it: the check at its place names it
+    document = {
+        "data": {"train": "t.npz", "inputs": "x", "targets": "y"},
+        "model": {"layers": [{"type": "relu"}], "init": {"std": float("nan")}},
+        "training": {"loss": "mse"},
+    }
+    text = json.dumps(document)
+    assert '"std": NaN' in text
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text)
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("model.init.std", "input should be a finite number, found nan")
+    ]
+
+
+def test_input_with_an_empty_dimension():
+    found = problems(layers(dense()), {"input": floats(0, 4)})
+    assert found == {
+        "data.inputs": "input 'input' has a dimension of size zero or below: (batch, 0, 4)"
+    }
+
+
 def test_bad_init():
     spec = make_spec(
         {
@@ -423,6 +516,14 @@ def two_outputs(**kwargs: Any):
         targets={"label": "y", "value": "v"},
         **kwargs,
     )
+
+
+def test_one_loss_for_several_outputs_says_which_output_it_does_not_fit():
+    found = problems(two_outputs(loss="cross_entropy"))
+    assert found == {
+        "training.loss": "output 'value': cross_entropy needs at least 2 classes, found output "
+        "(batch, 1); for a single logit use bce_with_logits"
+    }
 
 
 def test_loss_per_output_paths():

@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,8 @@ from worker.build import build_model
 from worker.fields import FieldInfo
 from worker.layers import LAYERS, MERGE_OPS, layer_schema, resolve_type
 from worker.spec import job_schema, parse_spec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def make_spec(model: dict, *, inputs: Any = "x", targets: Any = "y", loss: Any = "mse", **extra):
@@ -47,6 +50,12 @@ def build_one(spec, shape: tuple[int, ...], dtype: str = "float32", **kwargs):
 
 def params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def load_by_node_name(ours: nn.Module, ref: nn.Module) -> None:
+    """Load our weights into a hand-written module whose submodules are named as the nodes."""
+    state = {k.removeprefix("layers."): v for k, v in ours.state_dict().items()}
+    ref.load_state_dict(state, strict=True)
 
 
 def copy_weights(ours: nn.Module, ref: nn.Module) -> None:
@@ -270,17 +279,35 @@ def residual_spec():
     )
 
 
-def test_residual_graph_in_any_order_trains():
+class Residual(nn.Module):
+    """residual_spec() written by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(16, 2)
+        self.d1 = nn.Linear(8, 16)
+        self.d2 = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.d1(x)
+        return self.out(self.d2(torch.relu(h)) + h)
+
+
+def test_residual_graph_in_any_order_matches_torch_and_trains():
     built = build_model(residual_spec(), {"input": floats(8)}, device="cpu")
     assert [r.name for r in built.summary.rows] == ["d1", "r1", "d2", "block", "out"]
+    ref = Residual()
+    assert built.summary.total_params == params(ref)
+    assert built.output_shapes == {"output": (2,)}
+    assert built.summary.rows[3].output_shape == (None, 16)
+    load_by_node_name(built.module, ref)
     x = torch.randn(5, 8)
-    loss = built.module(x).pow(2).mean()
-    loss.backward()
-    assert all(p.grad is not None for p in built.module.parameters())
-    m = built.module.layers
-    d1 = m["d1"](x)
-    expected = m["out"](m["d2"](torch.relu(d1)) + d1)
-    assert torch.allclose(built.module(x), expected)
+    out = built.module(x)
+    assert out.shape == (5, 2)
+    assert torch.allclose(out, ref(x))
+    out.pow(2).mean().backward()
+    grads = [p.grad for p in built.module.parameters()]
+    assert len(grads) == 6 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def image_meta_spec(**extra):
@@ -299,15 +326,41 @@ def image_meta_spec(**extra):
     )
 
 
-def test_concat_of_image_and_meta_inputs_trains():
+class ImageMeta(nn.Module):
+    """image_meta_spec() written by hand: two inputs joined by a concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4 + 2, 3)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        pooled = nn.functional.adaptive_avg_pool2d(self.c1(image), 1).flatten(1)
+        return self.head(torch.cat([pooled, meta], dim=-1))
+
+
+def test_concat_of_image_and_meta_inputs_matches_torch_and_trains():
     inputs = {"image": floats(1, 8, 8), "meta": floats(2)}
     built = build_model(image_meta_spec(), inputs, device="cpu")
     assert built.module.input_names == ["image", "meta"]
-    assert built.summary.rows[3].output_shape == (None, 6)
-    out = built.module(torch.randn(4, 1, 8, 8), torch.randn(4, 2))
+    ref = ImageMeta()
+    assert built.summary.total_params == params(ref)
+    assert built.output_shapes == {"output": (3,)}
+    assert [r.output_shape for r in built.summary.rows] == [
+        (None, 4, 6, 6),
+        (None, 4, 1, 1),
+        (None, 4),
+        (None, 6),
+        (None, 3),
+    ]
+    load_by_node_name(built.module, ref)
+    image, meta = torch.randn(4, 1, 8, 8), torch.randn(4, 2)
+    out = built.module(image, meta)
     assert out.shape == (4, 3)
+    assert torch.allclose(out, ref(image, meta), atol=1e-6)
     out.sum().backward()
-    assert all(p.grad is not None for p in built.module.parameters())
+    grads = [p.grad for p in built.module.parameters()]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_multi_output_model_returns_a_dict():
@@ -325,9 +378,16 @@ def test_multi_output_model_returns_a_dict():
     built = build_model(spec, {"input": floats(5)}, targets, device="cpu")
     assert built.module.output_names == ["label", "value"]
     assert built.output_shapes == {"label": (4,), "value": (1,)}
-    out = built.module(torch.randn(3, 5))
+    ref = nn.ModuleDict({"trunk": nn.Linear(5, 8), "cls": nn.Linear(8, 4), "reg": nn.Linear(8, 1)})
+    assert built.summary.total_params == params(ref)
+    load_by_node_name(built.module, ref)
+    x = torch.randn(3, 5)
+    out = built.module(x)
     assert set(out) == {"label", "value"}
     assert out["label"].shape == (3, 4) and out["value"].shape == (3, 1)
+    trunk = ref["trunk"](x)
+    assert torch.allclose(out["label"], ref["cls"](trunk))
+    assert torch.allclose(out["value"], ref["reg"](trunk))
 
 
 def shared_spec():
@@ -352,10 +412,45 @@ def test_shared_layer_is_one_module_with_one_set_of_weights():
     assert shared.shared_with == "h" and shared.params == 0
     a, b = torch.randn(2, 4), torch.randn(2, 4)
     layer = model.layers["h"]
-    assert torch.allclose(model(a, b), layer(a) + layer(b))
+    # the module both nodes run is one object, so its Parameters (one tensor each) are too
+    assert [key for _, key, _ in model._steps] == ["h", "h", "sum"]
+    assert [p for p in model.parameters()] == [layer.weight, layer.bias]
+    calls: list[torch.Tensor] = []
+    layer.register_forward_hook(lambda module, args, out: calls.append(args[0]))
+    ref = nn.Linear(4, 8)  # written by hand: one Linear applied to both inputs
+    assert built.summary.total_params == params(ref)
+    assert built.output_shapes == {"output": (8,)}
+    load_by_node_name(model, nn.ModuleDict({"h": ref}))
+    out = model(a, b)
+    assert len(calls) == 2 and calls[0] is a and calls[1] is b
+    assert out.shape == (2, 8)
+    assert torch.allclose(out, ref(a) + ref(b))
+    with torch.no_grad():  # a change to the one tensor shows in both uses
+        layer.weight.zero_()
+        layer.bias.zero_()
+    assert not model(a, b).any()
+    with torch.no_grad():
+        layer.weight.copy_(ref.weight)
+        layer.bias.copy_(ref.bias)
     model(a, b).sum().backward()
     # both uses add to the one gradient
     assert torch.allclose(layer.weight.grad, torch.ones(2, 8).T @ (a + b))
+
+
+def test_example_graph_shares_one_tensor_between_two_nodes():
+    spec = parse_spec((EXAMPLES / "digits_graph.json").read_text())
+    inputs = {"image": floats(1, 8, 8), "rows": floats(8), "cols": floats(8)}
+    model = build_model(spec, inputs, device="cpu").module
+    keys = {name: key for name, key, _ in model._steps}
+    assert keys["enc_cols"] == keys["enc_rows"] == "enc_rows"
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("enc_cols" in n for n in names)
+    shared = model.layers["enc_rows"].weight
+    assert sum(p is shared for p in model.parameters()) == 1
+    rows, cols = torch.randn(2, 8), torch.randn(2, 8)
+    out = model(torch.randn(2, 1, 8, 8), rows, cols)
+    (out["digit"].sum() + out["ink"].sum()).backward()
+    assert shared.grad is not None
 
 
 # ------------------------------------------------------------------- meta
@@ -454,6 +549,178 @@ def test_normal_init_on_a_norm_layer_of_its_own():
     assert not norm.bias.any()
 
 
+def linear_weights(init: Any, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = make_spec({"layers": [{"type": "linear", "out_features": 128}], "init": init}, seed=seed)
+    layer = build_one(spec, (256,)).module.layers["linear"]
+    return layer.weight.detach(), layer.bias.detach()
+
+
+def test_default_init_is_torchs_own():
+    weight, bias = linear_weights("default", seed=3)
+    torch.manual_seed(3)
+    ref = nn.Linear(256, 128)
+    assert torch.equal(weight, ref.weight) and torch.equal(bias, ref.bias)
+
+
+FAN_IN, FAN_OUT = 256, 128
+
+
+@pytest.mark.parametrize(
+    ("init", "std", "bound"),
+    [
+        ("kaiming_normal", math.sqrt(2 / FAN_IN), None),
+        ("kaiming_uniform", math.sqrt(2 / FAN_IN), math.sqrt(6 / FAN_IN)),
+        ("xavier_normal", math.sqrt(2 / (FAN_IN + FAN_OUT)), None),
+        ("xavier_uniform", math.sqrt(2 / (FAN_IN + FAN_OUT)), math.sqrt(6 / (FAN_IN + FAN_OUT))),
+        ("normal", 0.02, None),
+        ("uniform", 0.1 / math.sqrt(12), 0.05),
+    ],
+)
+def test_each_weight_init_has_its_spread_and_zeros_the_bias(init, std, bound):
+    weight, bias = linear_weights(init)
+    assert weight.std().item() == pytest.approx(std, rel=0.03)
+    assert abs(weight.mean().item()) < std / 10
+    if bound is not None:
+        assert weight.abs().max().item() <= bound
+        assert weight.abs().max().item() > 0.95 * bound
+    assert not bias.any()  # bias init alongside: zeros unless said otherwise
+
+
+def test_orthogonal_and_zeros_inits():
+    weight, _ = linear_weights("orthogonal")
+    assert torch.allclose(weight @ weight.T, torch.eye(128), atol=1e-4)
+    weight, _ = linear_weights({"weight": "orthogonal", "gain": 2.0})
+    assert torch.allclose(weight @ weight.T, 4 * torch.eye(128), atol=1e-3)
+    weight, bias = linear_weights("zeros")
+    assert not weight.any() and not bias.any()
+
+
+def test_bias_init_alongside_the_weight_init():
+    _, bias = linear_weights({"weight": "xavier_uniform", "bias": "uniform", "a": 0.5, "b": 0.7})
+    assert bias.min().item() >= 0.5 and bias.max().item() <= 0.7
+    _, bias = linear_weights({"weight": "normal", "bias": "normal", "mean": 3.0, "std": 0.1})
+    assert bias.mean().item() == pytest.approx(3.0, abs=0.1)
+    _, default = linear_weights({"weight": "kaiming_normal", "bias": "default"})
+    bound = 1 / math.sqrt(FAN_IN)  # torch's own bias init: uniform(-bound, bound)
+    assert default.abs().max().item() <= bound
+    assert default.min().item() < -bound / 2 and default.max().item() > bound / 2
+
+
+def test_kaiming_init_reaches_conv_recurrent_and_attention_weights():
+    spec = make_spec(
+        {
+            "layers": [
+                {"type": "conv1d", "out_channels": 64, "kernel_size": 4},
+                {"type": "permute", "dims": [0, 2, 1]},
+                {"type": "lstm", "hidden_size": 64, "return_sequences": True},
+                {"type": "multiheadattention", "num_heads": 4},
+            ],
+            "init": "kaiming_uniform",
+        }
+    )
+    model = build_one(spec, (64, 10)).module
+    for name, param in model.named_parameters():
+        if "bias" in name:
+            assert not param.any(), name
+        else:
+            fan_in = param[0].numel()
+            assert param.abs().max().item() <= math.sqrt(6 / fan_in) + 1e-6, name
+
+
+def test_the_issues_example_specs_parse_and_build():
+    """The two documents of the issue that asked for the spec, field for field."""
+    sequential_doc = {
+        "name": "digits-resnet",
+        "seed": 7,
+        "data": {
+            "train": "digits.npz",
+            "validation": {"split": 0.2},
+            "inputs": "x",
+            "targets": "y",
+            "batch_size": 64,
+            "shuffle": True,
+            "num_workers": 0,
+        },
+        "model": {
+            "layers": [
+                {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1},
+                {"type": "batchnorm2d"},
+                {"type": "relu"},
+                {"type": "flatten"},
+                {"type": "dropout", "p": 0.2},
+                {"type": "linear", "out_features": 10},
+            ],
+            "init": "kaiming_normal",
+        },
+        "training": {
+            "epochs": 20,
+            "loss": "cross_entropy",
+            "optimizer": {"type": "adam", "lr": 0.001},
+            "metrics": ["accuracy"],
+        },
+        "callbacks": {"checkpoint": {"monitor": "val_accuracy", "mode": "max"}},
+        "resources": {"gpus": 0},
+        "max_restarts": 2,
+    }
+    spec = parse_spec(sequential_doc)
+    assert (spec.name, spec.seed, spec.max_restarts) == ("digits-resnet", 7, 2)
+    assert spec.data.validation.split == 0.2 and spec.data.batch_size == 64
+    built = build_model(spec, {"input": floats(1, 8, 8)}, {"output": FieldInfo((), "int64", 10)})
+    ref = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16 * 8 * 8, 10)
+    )
+    assert built.summary.total_params == params(ref)
+    assert built.output_shapes == {"output": (10,)}
+
+    graph_doc = {
+        **sequential_doc,
+        "data": {
+            **sequential_doc["data"],
+            "validation": "digits_val.npz",
+            "inputs": {"image": "x", "meta": ["age", "height"], "other": "o"},
+            "targets": {"digit": "y", "size": "area"},
+        },
+        "model": {
+            "nodes": [
+                {
+                    "name": "c1",
+                    "type": "conv2d",
+                    "out_channels": 16,
+                    "kernel_size": 3,
+                    "padding": 1,
+                    "in": "image",
+                },
+                {"name": "a1", "type": "relu", "in": "c1"},
+                {
+                    "name": "c2",
+                    "type": "conv2d",
+                    "out_channels": 16,
+                    "kernel_size": 3,
+                    "padding": 1,
+                    "in": "a1",
+                },
+                {"name": "res", "type": "add", "in": ["a1", "c2"]},
+                {"name": "f", "type": "flatten", "in": "res"},
+                {"name": "cat", "type": "concat", "in": ["f", "meta"]},
+                {"name": "h", "type": "linear", "out_features": 10, "in": "cat"},
+                {"name": "h2", "share": "h", "in": "other"},
+                {"name": "size", "type": "mean", "in": ["h", "h2"]},
+            ],
+            "outputs": {"digit": "h", "size": "size"},
+        },
+        "training": {"loss": {"digit": "cross_entropy", "size": "mse"}},
+        "callbacks": {},
+    }
+    spec = parse_spec(graph_doc)
+    inputs = {"image": floats(1, 8, 8), "meta": floats(2), "other": floats(16 * 64 + 2)}
+    built = build_model(spec, inputs, device="cpu")
+    assert built.output_shapes == {"digit": (10,), "size": (10,)}
+    ref = nn.ModuleList([nn.Conv2d(1, 16, 3), nn.Conv2d(16, 16, 3), nn.Linear(16 * 64 + 2, 10)])
+    assert built.summary.total_params == params(ref)
+    out = built.module(torch.randn(2, 1, 8, 8), torch.randn(2, 2), torch.randn(2, 1026))
+    assert out["digit"].shape == out["size"].shape == (2, 10)
+
+
 # ------------------------------------------------------- the layer table
 
 # One working use of every layer: (arguments, per-sample input shape).
@@ -516,6 +783,59 @@ SAMPLES: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
 
 def test_every_layer_has_a_sample():
     assert set(SAMPLES) == {layer.name for layer in LAYERS.values()}
+
+
+# What torch's constructors require that follows from the input shape: never written.
+SHAPE_ARGS = {
+    "in_features",
+    "in1_features",
+    "in2_features",
+    "in_channels",
+    "num_features",
+    "normalized_shape",
+    "num_channels",
+    "input_size",
+    "embed_dim",
+    "d_model",
+}
+
+
+def test_shape_arguments_are_inferred_not_required():
+    for layer in LAYERS.values():
+        factory = getattr(layer.factory, "func", layer.factory)
+        signature = inspect.signature(factory.__init__)
+        needed = {
+            name
+            for name, p in signature.parameters.items()
+            if name != "self" and p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+        }
+        if issubclass(factory, nn.RNNBase):
+            needed.add("input_size")  # nn.LSTM & co take it through *args
+        required = {a.name for a in layer.args if a.required}
+        assert needed <= required | set(layer.inferred), layer.name
+        assert not required & SHAPE_ARGS, layer.name
+        assert needed & SHAPE_ARGS <= set(layer.inferred), layer.name
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+@pytest.mark.parametrize(
+    "name",
+    sorted(n for n, d in SAMPLES.items() if resolve_type(n).inferred),  # type: ignore[union-attr]
+)
+def test_layers_build_without_their_shape_arguments(name):
+    layer = resolve_type(name)
+    assert layer is not None
+    args = {k: v for k, v in SAMPLES[name][0].items() if k not in layer.inferred}
+    shape = SAMPLES[name][1]
+    nodes = [{"name": "node", "type": name, "in": ["input"] * (layer.inputs or 1), **args}]
+    module = build_model(graph(nodes, "node"), {"input": floats(*shape)}, device="cpu").module
+    built = module.layers["node"]
+    for arg in layer.inferred:
+        value = getattr(built, arg, None)
+        if arg == "input_size":
+            assert value == shape[-1]
+        elif value is not None:
+            assert value in (shape[0], shape[-1], (shape[-1],)), (arg, value)
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
