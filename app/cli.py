@@ -176,7 +176,14 @@ def train(
 
     spec = _load_spec(spec_path)
     callbacks = [] if quiet else [_ProgressBar(console)]
-    result = run_job(spec, out, resolve=_resolver(spec_path), callbacks=callbacks, resume=resume)
+    result = run_job(
+        spec,
+        out,
+        resolve=_resolver(spec_path),
+        callbacks=callbacks,
+        resume=resume,
+        max_params=_max_params(),
+    )
     for cb in callbacks:
         cb.close()
     _print_result(result, out)

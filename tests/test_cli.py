@@ -232,6 +232,21 @@ def test_validate_takes_the_parameter_limit_from_the_environment(tmp_path):
     assert bad.stderr.count("\n") == 1 and "'many'" in bad.stderr
 
 
+def test_local_training_keeps_to_the_parameter_limit(examples_dir, tmp_path):
+    out = tmp_path / "run"
+    run = torchyard(
+        "train",
+        str(examples_dir / "tabular_mlp.json"),
+        "--out",
+        str(out),
+        "-q",
+        env={"TORCHYARD_MAX_PARAMS": "1000"},
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr + run.stdout
+    assert "model: 4,617 parameters, more than the limit of 1,000" in run.stdout + run.stderr
+    assert json.loads((out / "result.json").read_text())["status"] == "failed"
+
+
 def test_validate_needs_none_of_the_services_settings(tmp_path):
     """A shell set up for a deployed service (Postgres, no secrets here) still validates."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHYARD_")}

@@ -199,13 +199,14 @@ def build_model(
     targets: dict[str, FieldInfo] | None = None,
     *,
     device: str | torch.device = "meta",
-    max_params: int = 500_000_000,
+    max_params: int | None = 500_000_000,
 ) -> BuiltModel:
     """Check the spec's model against the data shapes and build it.
 
     On the meta device nothing is allocated (validation). On a real device the
     weights are initialised on the CPU under `spec.seed`, then moved. `targets`
     may be None (no dataset at hand): target-dependent checks are then skipped.
+    `max_params` None: no size limit (the spec was checked against one already).
     Raises SpecError listing every problem found.
     """
     return _Builder(spec, inputs, targets, max_params).build(torch.device(device))
@@ -217,7 +218,7 @@ class _Builder:
         spec: JobSpec,
         fields: dict[str, FieldInfo],
         targets: dict[str, FieldInfo] | None,
-        max_params: int,
+        max_params: int | None,
     ):
         self.spec = spec
         self.fields = fields
@@ -265,7 +266,7 @@ class _Builder:
         input_dtypes = self._input_dtypes()
         self._check_unused()
         total = sum(self._params(made) for made in self.made.values())
-        if total > self.max_params:
+        if self.max_params is not None and total > self.max_params:
             self.error("model", f"{total:,} parameters, more than the limit of {self.max_params:,}")
         output_shapes = {
             out: self.shapes[node] for out, node in self.outputs.items() if node in self.shapes

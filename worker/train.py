@@ -112,12 +112,14 @@ class PreparedData:
     targets: dict[str, Any]
 
 
-def prepare(spec: JobSpec, resolve: Callable[[str], Path]) -> tuple[PreparedData, Any]:
+def prepare(
+    spec: JobSpec, resolve: Callable[[str], Path], max_params: int | None = None
+) -> tuple[PreparedData, Any]:
     """Read the dataset files, build the model on the meta device, load arrays to fit it."""
     train_path = resolve(spec.data.train)
     info = describe(train_path)
     inputs, targets = resolve_fields(spec.data, info.fields)
-    built = build_model(spec, inputs, targets, device="meta")
+    built = build_model(spec, inputs, targets, device="meta", max_params=max_params)
     losses = spec.training.losses(spec.output_names)
     dtypes = {
         "input_dtypes": {n: str(d).removeprefix("torch.") for n, d in built.input_dtypes.items()},
@@ -172,7 +174,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
 
         self.model: nn.Module = build_model(
-            spec, data.inputs, data.targets, device=self.device
+            spec, data.inputs, data.targets, device=self.device, max_params=None
         ).module
         self.forward_model: Callable[..., Any] = (
             torch.compile(self.model) if training.compile else self.model
@@ -552,14 +554,18 @@ def run_job(
     reporter: Reporter | None = None,
     callbacks: list[Callback] | None = None,
     resume: bool = False,
+    max_params: int | None = None,
 ) -> RunResult:
-    """Train `spec` into `run_dir`; write `result.json`; never raise for a failed run."""
+    """Train `spec` into `run_dir`; write `result.json`; never raise for a failed run.
+
+    `max_params`: the model size limit, for local runs (the service checks its own
+    limit when a job is submitted, so its workers pass none)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = reporter or FileReporter(run_dir)
     started = time.monotonic()
     trainer: Trainer | None = None
     try:
-        data, _ = prepare(spec, resolve)
+        data, _ = prepare(spec, resolve, max_params)
         trainer = Trainer(spec, data, run_dir, reporter=reporter, callbacks=callbacks)
         last = run_dir / "last.pt"
         resume_from = last if resume and last.exists() else None
