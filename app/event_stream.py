@@ -27,6 +27,7 @@ from app.models import TERMINAL_STATUSES, Job, JobEvent
 from app.store import events, metrics
 
 POLL_S = 0.25
+BATCH = 500  # events a poll reads at most for one watcher
 KEEPALIVE_S = 15.0  # a comment now and then keeps proxies from closing an idle stream
 
 
@@ -77,7 +78,7 @@ def _poll_many(sessions: Sessions, keys: list[tuple[str, int]]) -> dict[tuple[st
             if job_id not in statuses:
                 job = session.get(Job, job_id)
                 statuses[job_id] = job.status if job else None
-            rows = events.after(session, job_id, after_id)
+            rows = events.after(session, job_id, after_id, BATCH)
             out[(job_id, after_id)] = (_expanded(session, job_id, rows), statuses[job_id])
         return out
 
@@ -96,35 +97,42 @@ def _expanded(session: Session, job_id: str, rows: list[JobEvent]) -> list[Event
     return out
 
 
-async def follow(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIterator[Event | None]:
-    """Events with id > after_id, live, ending with `end` once the job is in a terminal state.
+async def follow(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIterator[list[Event]]:
+    """Events with id > after_id, live, a poll's at a time, ending with `end` once the job
+    is in a terminal state.
 
-    Yields None after each poll that found nothing, so the caller can keep the line alive.
+    Yields an empty list after each poll that found nothing, so the caller can keep the
+    line alive. A full batch (a client catching up) is followed by the next at once;
+    otherwise the next poll waits for the next tick.
     """
     while True:
         batch, status = await polls.poll(job_id, after_id)
-        for event in batch:
-            yield event
-            after_id = event.id
+        for n, event in enumerate(batch):
             if event.kind == "end":
+                yield batch[: n + 1]
                 return
-        if not batch:
-            if status in TERMINAL_STATUSES or status is None:
-                # The client resumed past the stored `end`: close the stream the same way.
-                yield Event(id=after_id, kind="end", data={"status": status})
-                return
-            yield None
-            await polls.until_next_tick()
+        if batch:
+            yield batch
+            after_id = batch[-1].id
+            if len(batch) >= BATCH:
+                continue
+        elif status in TERMINAL_STATUSES or status is None:
+            # The client resumed past the stored `end`: close the stream the same way.
+            yield [Event(id=after_id, kind="end", data={"status": status})]
+            return
+        else:
+            yield []
+        await polls.until_next_tick()
 
 
 async def sse_frames(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIterator[bytes]:
-    """The job's events as SSE frames, with a keepalive comment on a quiet line."""
+    """The job's events as SSE frames, a poll's in one write, with a keepalive comment on
+    a quiet line."""
     quiet_since = time.monotonic()
-    async for event in follow(polls, job_id, after_id):
-        if event is None:
-            if time.monotonic() - quiet_since >= KEEPALIVE_S:
-                quiet_since = time.monotonic()
-                yield b": keepalive\n\n"
-            continue
-        quiet_since = time.monotonic()
-        yield event.frame
+    async for batch in follow(polls, job_id, after_id):
+        if batch:
+            quiet_since = time.monotonic()
+            yield b"".join(event.frame for event in batch)
+        elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+            quiet_since = time.monotonic()
+            yield b": keepalive\n\n"

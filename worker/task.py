@@ -176,7 +176,7 @@ def _supervise(
 
     deadline = time.monotonic() + FINISH_RETRY_S
     while not uploader.idle and not uploader.stale and time.monotonic() < deadline:
-        uploader.pump()
+        uploader.pump(flush=True)
         uploader.drain(timeout=0.2)
     if uploader.stale:
         return "stale"
