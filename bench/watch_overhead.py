@@ -9,29 +9,44 @@ fixed seed on an NPZ uploaded through POST /api/v1/datasets (`--rows` x 64 featu
 watchers all through the run (~25 s of training here). An unmeasured 1-epoch job
 goes first: the worker caches the dataset, the API its connections and tokens.
 
-Observed: from the submit to the job's end, 20 SSE watchers hold
-GET /api/v1/jobs/{id}/events (reconnecting with Last-Event-ID if the stream drops
-before `end`) and 20 pollers do what a dashboard does every `--poll-every-s`
-(default 1 s): GET /api/v1/jobs/{id} and GET /api/v1/jobs/{id}/metrics?max_points=200.
-Unobserved: nothing but the benchmark's own status check (GET /jobs/{id} once a
-second), which runs in both. Jobs run unobserved / observed / observed / unobserved
-(ABBA, `--rounds` pairs), so drift on a shared machine hits both alike.
+Observed = 20 SSE watchers hold GET /api/v1/jobs/{id}/events (reconnecting with
+Last-Event-ID if the stream drops) and 20 pollers do what a dashboard does every
+`--poll-every-s` (default 1 s): GET /api/v1/jobs/{id} and GET
+/api/v1/jobs/{id}/metrics?max_points=200. The benchmark's own status check (GET
+/jobs/{id} once a second) runs all the time.
 
-    .venv/bin/python bench/watch_overhead.py [--rounds 2] [--watchers 20] [--pollers 20]
-        [--poll-every-s 1.0] [--processes 2] [--threads 1] [--rows 40000] [--epochs 24]
+Two designs (`--design`):
 
-The figure is the job's training time from its own metrics: the sum of its
-`epoch_time_s` points (each epoch's train and validation loop, timed in the
-training child). Beside it, started -> finished from GET /jobs/{id} (claim, dataset,
-child start, training, final reports). Goal: median observed / median unobserved
-training time <= 1.03. To say where a difference comes from, the table also gives,
-for each job's window, the training child's CPU time and the time its threads were
-runnable but waited for a CPU (/proc schedstat, from the child's start: torch
-import and data included), and the CPU seconds of the API processes, of all
-`postgres` processes (the server is shared with other sessions), of the worker's
-own process (reports, heartbeats) and of this process (the load client). Every
-watcher must see the same number of events of a job's stream; a difference is an
-error.
+- interleaved (the default, and the figure): one job of `--interleave-epochs` (80;
+  the figure in bench/README.md uses 240), observed and unobserved in turn in blocks
+  of `--block-s` (5 s). An observed block attaches the watchers, resuming from the
+  last event the previous observed block saw (as watchers that never left would
+  be), and the pollers; it detaches them at its end. An epoch counts for a block
+  when it lies wholly inside it, starting `--settle-s` (0.5 s) after the block's
+  start (the reconnect burst is the design's, not a watcher's); epoch 0 (warm-up)
+  does not count. Figure: median observed epoch time / median unobserved, with a
+  90% interval from resampling each kind's blocks (a block's epochs share its
+  conditions). Why: on this shared machine two identical unobserved jobs a minute
+  apart differ by up to 15%, so whole jobs compare the neighbours' load; blocks a
+  few seconds apart share it.
+- jobs: whole jobs, unobserved / observed / observed / unobserved (ABBA,
+  `--rounds` pairs), observers attached from the submit to the job's end; the
+  figure is the sum of each job's `epoch_time_s` points, medians compared.
+
+    .venv/bin/python bench/watch_overhead.py [--design interleaved] [--interleave-epochs 80]
+        [--block-s 5] [--settle-s 0.5] [--watchers 20] [--pollers 20] [--poll-every-s 1.0]
+        [--processes 2] [--threads 1] [--rows 40000]
+    .venv/bin/python bench/watch_overhead.py --design jobs [--rounds 2] [--epochs 24]
+
+Epoch times are the job's own `epoch_time_s` points (each epoch's train and
+validation loop, timed in the training child). Goal: observed / unobserved <= 1.03.
+To say where a difference comes from, the tables also give, per second of each
+block kind (interleaved) or for each job, the training child's CPU time and the
+time its threads were runnable but waited for a CPU (/proc schedstat), and the CPU
+of the API processes; the jobs table adds all `postgres` processes (the server is
+shared with other sessions), the worker's own process (reports, heartbeats) and
+this process (the load client). In the jobs design every watcher must see the
+same number of events of a job's stream; a difference is an error.
 
 Fairness on 2 cores. Torch uses every core by default, and the API, Postgres and
 the load client then take their time from its threads: an intra-op barrier waits
@@ -63,6 +78,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import statistics
 import sys
 import time
@@ -158,9 +174,25 @@ class Tally:
 DROPPED = (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, OSError)
 
 
-async def watch(port: int, token: str, job_id: str, tally: Tally, done: asyncio.Event) -> None:
-    """Follow the job's event stream to its `end`, resuming with Last-Event-ID after a drop."""
-    last_id, seen = "", 0
+@dataclass
+class Cursor:
+    """The last event id a watcher saw ("" for none: the stream starts at the job's first)."""
+
+    last_id: str = ""
+
+
+async def watch(
+    port: int,
+    token: str,
+    job_id: str,
+    tally: Tally,
+    done: asyncio.Event,
+    cursor: Cursor | None = None,
+) -> None:
+    """Follow the job's event stream to its `end`, resuming with Last-Event-ID after a drop
+    (and from `cursor`, which it keeps up to date, when one is given)."""
+    cursor = cursor or Cursor()
+    last_id, seen = cursor.last_id, 0
     while True:
         conn = Connection(port, token)
         resume = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
@@ -185,6 +217,7 @@ async def watch(port: int, token: str, job_id: str, tally: Tally, done: asyncio.
                         for line in frame.split(b"\n"):
                             if line.startswith(b"id:"):
                                 last_id = line[3:].strip().decode()
+                                cursor.last_id = max(cursor.last_id, last_id, key=_as_id)
                             elif line.startswith(b"event:"):
                                 kind = line[6:].strip()
                         tally.events += 1
@@ -202,6 +235,10 @@ async def watch(port: int, token: str, job_id: str, tally: Tally, done: asyncio.
             return
         tally.reconnects += 1
         await asyncio.sleep(0.2)
+
+
+def _as_id(event_id: str) -> int:
+    return int(event_id) if event_id.isdigit() else -1
 
 
 async def poll(
@@ -444,6 +481,188 @@ def run_job(
     )
 
 
+# ------------------------------------------------------- interleaved design
+
+
+@dataclass
+class Block:
+    observed: bool
+    start: float  # time.time() (the clock of the training child's metric points)
+    end: float = 0.0
+    api_cpu_s: float = 0.0
+    child_cpu_s: float = 0.0
+    child_waited_s: float = 0.0
+    epoch_times: list[float] = field(default_factory=list)  # of the epochs inside it
+
+
+async def interleave(
+    port: int,
+    token: str,
+    job_id: str,
+    args: argparse.Namespace,
+    api_pids: list[int],
+    child: TrainingChild,
+    tally: Tally,
+) -> list[Block]:
+    """While the job runs: blocks of `--block-s`, unobserved and observed in turn. An
+    observed block attaches the watchers (resuming from the last event the previous
+    observed block saw, as watchers that never left would be) and the pollers, and
+    detaches them at its end."""
+    checker = asyncio.create_task(until_finished(port, token, job_id, args.job_timeout_s, tally))
+    cursor, blocks = Cursor(), []
+    while not checker.done():
+        child.sample()
+        api_before = sum(cpu_seconds(pid) for pid in api_pids)
+        cpu_before, waited_before = child.cpu_s, child.waited_s
+        block = Block(observed=len(blocks) % 2 == 1, start=time.time())
+        done = asyncio.Event()
+        load: list[asyncio.Task[None]] = []
+        if block.observed:
+            load += [
+                asyncio.create_task(watch(port, token, job_id, tally, done, cursor))
+                for _ in range(args.watchers)
+            ]
+            load += [
+                asyncio.create_task(
+                    poll(
+                        port,
+                        token,
+                        job_id,
+                        args.poll_every_s,
+                        args.poll_every_s * n / args.pollers,
+                        tally,
+                        done,
+                    )
+                )
+                for n in range(args.pollers)
+            ]
+        await asyncio.wait([checker], timeout=args.block_s)
+        done.set()
+        for task in load:
+            task.cancel()  # a watcher mid-stream: the connection closes, as a browser tab's
+        for task, result in zip(
+            load, await asyncio.gather(*load, return_exceptions=True), strict=True
+        ):
+            if isinstance(result, BaseException) and not task.cancelled():
+                tally.error(f"load task failed: {result!r}")
+        block.end = time.time()
+        child.sample()
+        block.api_cpu_s = sum(cpu_seconds(pid) for pid in api_pids) - api_before
+        block.child_cpu_s = child.cpu_s - cpu_before
+        block.child_waited_s = child.waited_s - waited_before
+        blocks.append(block)
+    await checker
+    return blocks
+
+
+def block_bootstrap(blocks: list[Block], rounds: int = 2_000) -> tuple[float, float]:
+    """The 5th and 95th percentile of the median ratio when each kind's blocks (with their
+    epochs, which share a block's conditions) are drawn again with replacement."""
+    draw = random.Random(0)
+    kinds = {
+        observed: [b.epoch_times for b in blocks if b.observed == observed and b.epoch_times]
+        for observed in (False, True)
+    }
+    ratios = []
+    for _ in range(rounds):
+        medians = {
+            observed: statistics.median(
+                t for times in draw.choices(found, k=len(found)) for t in times
+            )
+            for observed, found in kinds.items()
+        }
+        ratios.append(medians[True] / medians[False])
+    return percentile(ratios, 5), percentile(ratios, 95)
+
+
+def run_interleaved(
+    user: httpx.Client,
+    served: Served,
+    worker: Worker,
+    spec: dict[str, Any],
+    args: argparse.Namespace,
+    token: str,
+) -> int:
+    """One job, its epochs compared: those inside observed blocks against those inside
+    unobserved ones. Prints the table and the figure."""
+    child = TrainingChild(worker.proc.pid)
+    job_id = submit(user, spec)["id"]
+    tally = Tally()
+    api_pids = [proc.pid for proc in served.procs]
+    blocks = asyncio.run(interleave(served.port, token, job_id, args, api_pids, child, tally))
+    job = expect(user.get(f"/jobs/{job_id}"), 200)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}\n{worker.tail()}")
+    points = expect(user.get(f"/jobs/{job_id}/metrics", params={"names": "epoch_time_s"}), 200)
+    epochs: dict[bool, list[float]] = {False: [], True: []}
+    straddling = 0
+    for point in points["epoch_time_s"][1:]:  # epoch 0 warms up: not compared
+        began, ended = point["time"] - point["value"], point["time"]
+        inside = [b for b in blocks if b.start + args.settle_s <= began and ended <= b.end]
+        if inside:
+            epochs[inside[0].observed].append(point["value"])
+            inside[0].epoch_times.append(point["value"])
+        else:
+            straddling += 1
+
+    rows = []
+    for observed in (False, True):
+        kind = [b for b in blocks if b.observed == observed]
+        seconds = sum(b.end - b.start for b in kind)
+        times = epochs[observed]
+        rows.append(
+            [
+                "observed" if observed else "unobserved",
+                len(kind),
+                seconds,
+                len(times),
+                statistics.median(times) if times else "-",
+                statistics.fmean(times) if times else "-",
+                sum(b.child_cpu_s for b in kind) / seconds,
+                sum(b.child_waited_s for b in kind) / seconds,
+                sum(b.api_cpu_s for b in kind) / seconds,
+            ]
+        )
+    print(
+        f"one job of {args.interleave_epochs} epochs ({args.rows:,} rows, batch 256, steps "
+        f"logged every 10), in blocks of {args.block_s:g} s: unobserved, then observed = "
+        f"{args.watchers} SSE watchers + {args.pollers} pollers every {args.poll_every_s:g} s, "
+        f"in turn; an epoch counts when it lies inside one block, {args.settle_s:g} s after its "
+        f"start ({straddling} did not, epoch 0 left out); API {args.processes} uvicorn "
+        f"process(es), Postgres, Redis; torch threads {args.threads or 'default'}"
+    )
+    print_table(
+        [
+            "blocks",
+            "n",
+            "s",
+            "epochs",
+            "median epoch s",
+            "mean epoch s",
+            "child cpu/s",
+            "child waited/s",
+            "API cpu/s",
+        ],
+        rows,
+    )
+    print(
+        f"events streamed {tally.events:,}, poll requests {tally.requests:,}, poll p99 "
+        f"{percentile(tally.latencies, 99) * 1000 if tally.latencies else 0:.1f} ms, "
+        f"errors {tally.errors}"
+    )
+    if not epochs[False] or not epochs[True]:
+        raise RuntimeError("no epoch lay inside a block of each kind: raise --epochs or --block-s")
+    median = statistics.median(epochs[True]) / statistics.median(epochs[False])
+    mean = statistics.fmean(epochs[True]) / statistics.fmean(epochs[False])
+    low, high = block_bootstrap(blocks)
+    print(
+        f"observed/unobserved epoch time: median {median:.3f} (mean {mean:.3f}); "
+        f"90% interval of the median ratio {low:.3f} to {high:.3f} (blocks resampled)"
+    )
+    print("goal: training time observed/unobserved <= 1.03")
+    return tally.errors
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -459,6 +678,19 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=40_000, help="dataset rows (10%% validation)")
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--job-timeout-s", type=float, default=600)
+    parser.add_argument(
+        "--design",
+        choices=("interleaved", "jobs"),
+        default="interleaved",
+        help="observed and unobserved blocks within one job, or whole jobs (ABBA)",
+    )
+    parser.add_argument("--block-s", type=float, default=5.0, help="interleaved: block length")
+    parser.add_argument(
+        "--settle-s", type=float, default=0.5, help="interleaved: an epoch starts this far in"
+    )
+    parser.add_argument(
+        "--interleave-epochs", type=int, default=80, help="interleaved: the job's epochs"
+    )
     args = parser.parse_args()
 
     load_before = loadavg()
@@ -479,6 +711,14 @@ def main() -> int:
             spec = watched_spec(dataset_id, args.epochs)
             # Unmeasured: the worker caches the dataset; connections and tokens warm up.
             run_job(user, served, worker, watched_spec(dataset_id, 1), args, settings.token, False)
+            if args.design == "interleaved":
+                print(f"loadavg before: {load_before}")
+                spec = watched_spec(dataset_id, args.interleave_epochs)
+                errors = run_interleaved(user, served, worker, spec, args, settings.token)
+                print(f"loadavg after: {loadavg()}")
+                if errors:
+                    print(f"\n!!! {errors} ERRORS UNDER LOAD", file=sys.stderr)
+                return 0
             for n in range(args.rounds):
                 for observed in (False, True) if n % 2 == 0 else (True, False):
                     runs.append(run_job(user, served, worker, spec, args, settings.token, observed))
