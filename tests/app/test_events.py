@@ -162,10 +162,13 @@ def test_watchers_of_a_job_share_one_poll_a_tick_and_each_gets_every_event(
     assert all(seen)
     time.sleep(0.5)
     calls.clear()
+    started = time.monotonic()
     time.sleep(1.0)
+    measured = list(calls)
+    ticks = (time.monotonic() - started) / 0.25  # a loaded machine may oversleep
     # one poll a tick (every 0.25 s) for the twelve, each at the same cursor: one key
-    assert 2 <= len(calls) <= 6, len(calls)
-    assert all(keys == [(queued_job["id"], keys[0][1])] for keys in calls), calls
+    assert 2 <= len(measured) <= ticks + 2, (len(measured), ticks)
+    assert all(keys == [(queued_job["id"], keys[0][1])] for keys in measured), measured
     run_to_the_end(server, queued_job["id"])
     for thread in threads:
         thread.join(timeout=20)
