@@ -22,10 +22,9 @@ Two designs (`--design`):
   observed and unobserved in turn in blocks of `--block-s` (5 s). An observed
   block attaches the watchers, resuming from the last event the previous observed
   block saw (as watchers that never left would be), and the pollers; it detaches
-  them at its end. An epoch counts for a block
-  when it lies wholly inside it, starting `--settle-s` (0.5 s) after the block's
-  start (the reconnect burst is the design's, not a watcher's); epoch 0 (warm-up)
-  does not count. Figure (paired): each observed block's median epoch time over the
+  them at its end. An epoch counts for a block when it lies wholly inside it,
+  starting `--settle-s` (0.5 s) after the block's start (the reconnect burst is the
+  design's, not a watcher's); epoch 0 (warm-up) does not count. Figure (paired): each observed block's median epoch time over the
   mean of its two neighbours' (the unobserved blocks just before and after it, so a
   drift that is linear over 15 s cancels), averaged over the observed blocks, with a
   90% interval from resampling those block ratios. Why: on this shared machine two
