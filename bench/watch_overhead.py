@@ -309,6 +309,38 @@ async def until_finished(
     raise RuntimeError(f"job {job_id} did not finish within {timeout_s:g} s")
 
 
+def observers(
+    port: int,
+    token: str,
+    job_id: str,
+    args: argparse.Namespace,
+    tally: Tally,
+    done: asyncio.Event,
+    cursor: Cursor | None = None,
+) -> list[asyncio.Task[None]]:
+    """`--watchers` SSE watchers and `--pollers` pollers of the job, started until `done`;
+    the pollers' first requests spread over their period."""
+    watchers = [
+        asyncio.create_task(watch(port, token, job_id, tally, done, cursor))
+        for _ in range(args.watchers)
+    ]
+    pollers = [
+        asyncio.create_task(
+            poll(
+                port,
+                token,
+                job_id,
+                args.poll_every_s,
+                args.poll_every_s * n / args.pollers,
+                tally,
+                done,
+            )
+        )
+        for n in range(args.pollers)
+    ]
+    return watchers + pollers
+
+
 async def attend(
     port: int,
     token: str,
@@ -320,26 +352,7 @@ async def attend(
     """Wait for the job's end; observed, with the watchers and pollers attached all along."""
     tally, done = Tally(), asyncio.Event()
     sampler = asyncio.create_task(sample_until(child, done))
-    load: list[asyncio.Task[None]] = []
-    if observed:
-        load += [
-            asyncio.create_task(watch(port, token, job_id, tally, done))
-            for _ in range(args.watchers)
-        ]
-        load += [
-            asyncio.create_task(
-                poll(
-                    port,
-                    token,
-                    job_id,
-                    args.poll_every_s,
-                    args.poll_every_s * n / args.pollers,  # spread over the period
-                    tally,
-                    done,
-                )
-            )
-            for n in range(args.pollers)
-        ]
+    load = observers(port, token, job_id, args, tally, done) if observed else []
     try:
         await until_finished(port, token, job_id, args.job_timeout_s, tally)
     finally:
@@ -523,26 +536,7 @@ async def interleave(
         cpu_before, waited_before = child.cpu_s, child.waited_s
         block = Block(observed=len(blocks) % 2 == 1, start=time.time())
         done = asyncio.Event()
-        load: list[asyncio.Task[None]] = []
-        if block.observed:
-            load += [
-                asyncio.create_task(watch(port, token, job_id, tally, done, cursor))
-                for _ in range(args.watchers)
-            ]
-            load += [
-                asyncio.create_task(
-                    poll(
-                        port,
-                        token,
-                        job_id,
-                        args.poll_every_s,
-                        args.poll_every_s * n / args.pollers,
-                        tally,
-                        done,
-                    )
-                )
-                for n in range(args.pollers)
-            ]
+        load = observers(port, token, job_id, args, tally, done, cursor) if block.observed else []
         await asyncio.wait([checker], timeout=args.block_s)
         done.set()
         for task in load:
