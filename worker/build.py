@@ -867,7 +867,7 @@ def _torch_message(exc: BaseException) -> str:
         return f"a dimension goes to zero or below (output {show_shape(dims)})"
     if "Invalid computed output size" in text:
         return "a dimension goes to zero or below"
-    if isinstance(exc, OverflowError) or "verflow" in text:
+    if isinstance(exc, OverflowError) or "overflow" in text.lower():
         return "a size is too large for torch (overflow)"
     first = text.splitlines()[0].strip() if text else ""
     return first.rstrip(".") or type(exc).__name__
