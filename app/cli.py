@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from worker.callbacks import Callback
-from worker.errors import DataError, SpecError
+from worker.engine.callbacks import Callback
+from worker.engine.errors import DataError, SpecError
 
 app = typer.Typer(
     help="torchyard: train PyTorch models from JSON job specs.",
@@ -45,7 +45,7 @@ def _fail(lines: list[str] | str, code: int = 1) -> typer.Exit:
 
 
 def _load_spec(path: Path) -> Any:
-    from worker.spec import parse_spec
+    from worker.engine.spec import parse_spec
 
     try:
         text = path.read_bytes()
@@ -69,7 +69,7 @@ def _resolver(spec_path: Path) -> Any:
 
 
 def _parse_shapes(values: list[str], spec: Any) -> dict[str, Any]:
-    from worker.fields import FieldInfo
+    from worker.engine.fields import FieldInfo
 
     fields = spec.data.input_fields()
     by_field = {f: name for name, f in fields.items() if isinstance(f, str)}
@@ -101,7 +101,7 @@ def _parse_shapes(values: list[str], spec: Any) -> dict[str, Any]:
 def _fields(
     spec: Any, spec_path: Path, input_shapes: list[str] | None
 ) -> tuple[dict[str, Any], Any]:
-    from worker.data import describe, resolve_fields
+    from worker.engine.data import describe, resolve_fields
 
     if input_shapes:
         return _parse_shapes(input_shapes, spec), None
@@ -117,7 +117,7 @@ def _fields(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of a job spec."""
-    from worker.spec import job_schema
+    from worker.engine.spec import job_schema
 
     sys.stdout.write(json.dumps(job_schema(), indent=2) + "\n")
 
@@ -148,7 +148,7 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Check a spec and print the model summary (built on the meta device: no weights allocated)."""
-    from worker.build import build_model
+    from worker.engine.build import build_model
 
     spec = _load_spec(spec_path)
     inputs, targets = _fields(spec, spec_path, input_shape)
@@ -172,7 +172,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a spec on this machine; write metrics.jsonl, best.safetensors, last.pt, result.json."""
-    from worker.train import run_job
+    from worker.engine.train import run_job
 
     spec = _load_spec(spec_path)
     callbacks = [] if quiet else [_ProgressBar(console)]
@@ -204,7 +204,7 @@ def export(
     input_shape: InputShapeOpt = None,
 ) -> None:
     """Export trained weights as a deployable model whose outputs match PyTorch's."""
-    from worker.export import ExportError, export_model
+    from worker.engine.export import ExportError, export_model
 
     if fmt not in ("pt2", "onnx"):
         raise _fail(f"--format: expected pt2 or onnx, found {fmt!r}")

@@ -35,9 +35,9 @@ def export_checkpoint(
     with lock:
         if out.exists():
             return out
-        from worker.errors import SpecError
-        from worker.export import ExportError, export_model
-        from worker.spec import parse_spec
+        from worker.engine.errors import SpecError
+        from worker.engine.export import ExportError, export_model
+        from worker.engine.spec import parse_spec
 
         try:
             export_model(parse_spec(spec_doc), from_json(fields["inputs"]), weights, out, fmt)

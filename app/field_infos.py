@@ -13,7 +13,7 @@ def to_json(fields: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def from_json(data: dict[str, Any]) -> dict[str, Any]:
-    from worker.fields import FieldInfo
+    from worker.engine.fields import FieldInfo
 
     return {
         name: FieldInfo(

@@ -17,7 +17,7 @@ from app.store import datasets, jobs
 
 @dataclass(frozen=True)
 class CheckedSpec:
-    spec: Any  # worker.spec.JobSpec
+    spec: Any  # worker.engine.spec.JobSpec
     document: dict[str, Any]
     summary: dict[str, Any]
     inputs: dict[str, Any]  # input name -> FieldInfo
@@ -36,9 +36,9 @@ def dataset_refs(spec: Any) -> dict[str, str]:
 def preload() -> None:
     """Import what check_spec needs (torch among it) now, rather than in the first submit
     that reaches this process: the API calls it at start, as the import takes seconds."""
-    import worker.build
-    import worker.data
-    import worker.spec  # noqa: F401
+    import worker.engine.build
+    import worker.engine.data
+    import worker.engine.spec  # noqa: F401
 
 
 def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) -> CheckedSpec:
@@ -46,10 +46,10 @@ def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) 
 
     Raises SpecError listing the problems with their JSON paths.
     """
-    from worker.build import build_model
-    from worker.data import resolve_fields
-    from worker.errors import DataError, SpecError, SpecIssue
-    from worker.spec import parse_spec
+    from worker.engine.build import build_model
+    from worker.engine.data import resolve_fields
+    from worker.engine.errors import DataError, SpecError, SpecIssue
+    from worker.engine.spec import parse_spec
 
     spec = parse_spec(body)
     # parse_spec accepted it, so it is a JSON object; stored as written, NaN refused
@@ -89,14 +89,14 @@ def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) 
 
 
 def _reject_constant(name: str) -> Any:
-    from worker.errors import SpecError
+    from worker.engine.errors import SpecError
 
     # json accepts NaN and Infinity, but they are not JSON, and the database's JSON refuses them
     raise SpecError.at("", f"{name} is not a JSON number; give a finite number")
 
 
 def _reject_nul(document: Any) -> None:
-    from worker.errors import SpecError, format_path
+    from worker.engine.errors import SpecError, format_path
 
     # A NUL character is never meaningful in a spec, and PostgreSQL cannot store one.
     # A loop, not recursion: the document may be nested as deep as json allows.
@@ -117,8 +117,8 @@ def _reject_nul(document: Any) -> None:
 def _check_validation_fields(
     spec: Any, fields: dict[str, Any], inputs: dict[str, Any], targets: dict[str, Any]
 ) -> None:
-    from worker.data import resolve_fields
-    from worker.errors import SpecError, SpecIssue
+    from worker.engine.data import resolve_fields
+    from worker.engine.errors import SpecError, SpecIssue
 
     try:
         val_inputs, val_targets = resolve_fields(spec.data, fields)

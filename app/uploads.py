@@ -33,8 +33,8 @@ def upload_dataset(
     max_unpacked_bytes: int,
 ) -> Dataset:
     """Store, describe and record one dataset file; nothing is kept when any step fails."""
-    from worker.data import describe
-    from worker.errors import DataError
+    from worker.engine.data import describe
+    from worker.engine.errors import DataError
 
     name = display_name(filename)
     suffix = PurePosixPath(name).suffix.lower()

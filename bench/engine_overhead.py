@@ -36,12 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.batches import epoch_order  # noqa: E402
-from worker.build import build_model  # noqa: E402
-from worker.callbacks import Callback  # noqa: E402
-from worker.data import describe, resolve_fields  # noqa: E402
-from worker.spec import parse_spec  # noqa: E402
-from worker.train import iter_metrics, run_job  # noqa: E402
+from worker.engine.batches import epoch_order  # noqa: E402
+from worker.engine.build import build_model  # noqa: E402
+from worker.engine.callbacks import Callback  # noqa: E402
+from worker.engine.data import describe, resolve_fields  # noqa: E402
+from worker.engine.spec import parse_spec  # noqa: E402
+from worker.engine.train import iter_metrics, run_job  # noqa: E402
 
 CASES = {
     "mlp 200k x 64": {

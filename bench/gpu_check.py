@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from examples.make_digits import write_digits  # noqa: E402
-from worker.spec import parse_spec  # noqa: E402
-from worker.train import prepare, run_job  # noqa: E402
+from worker.engine.spec import parse_spec  # noqa: E402
+from worker.engine.train import prepare, run_job  # noqa: E402
 
 
 def spec_for(data: Path, **training: object) -> dict:
@@ -40,7 +40,7 @@ def spec_for(data: Path, **training: object) -> dict:
 
 def placement_check(doc: dict) -> str:
     """Weights, batches and the grad scaler where they belong, checked directly."""
-    from worker.train import Trainer
+    from worker.engine.train import Trainer
 
     spec = parse_spec(doc)
     data, _ = prepare(spec, lambda ref: Path(ref))

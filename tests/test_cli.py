@@ -132,7 +132,7 @@ def test_failed_run_exits_1_with_the_reason(examples_dir, tmp_path):
 
 
 def test_docs_layers_md_is_current():
-    from worker.layers import layer_schema
+    from worker.engine.layers import layer_schema
 
     text = (ROOT / "docs" / "layers.md").read_text()
     assert layer_schema()["description"] in text, "regenerate docs/layers.md from layer_schema()"

@@ -219,9 +219,9 @@ def upload_digits(client: ApiClient, examples_dir: Path) -> tuple[str, str]:
 
 
 def val_accuracy_of(weights: Path, spec: dict[str, Any], examples_dir: Path) -> float:
-    from worker.build import build_model
-    from worker.data import describe, resolve_fields
-    from worker.spec import parse_spec
+    from worker.engine.build import build_model
+    from worker.engine.data import describe, resolve_fields
+    from worker.engine.spec import parse_spec
 
     spec = {
         **spec,

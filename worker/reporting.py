@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from worker.callbacks import Callback, CheckpointInfo, MetricPoint
 from worker.client import ApiUnavailable, StaleAttempt, WorkerClient
+from worker.engine.callbacks import Callback, CheckpointInfo, MetricPoint
 
 log = logging.getLogger("torchyard.worker")
 

@@ -34,8 +34,8 @@ def train_in_child(
     cancel: Any,
 ) -> None:
     """Entry point of the training child (spawned: no state shared with the parent)."""
-    from worker.spec import parse_spec
-    from worker.train import run_job
+    from worker.engine.spec import parse_spec
+    from worker.engine.train import run_job
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     spec = pin_to_worker_gpu(parse_spec(spec_doc), os.environ.get("TORCHYARD_GPU"))

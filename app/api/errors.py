@@ -24,7 +24,7 @@ RETRY_AFTER_S = "5"
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from worker.errors import DataError, SpecError
+    from worker.engine.errors import DataError, SpecError
 
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(SpecError, _spec_error)
@@ -63,7 +63,7 @@ def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _issue(error: dict[str, Any]) -> dict[str, str]:
-    from worker.errors import format_path
+    from worker.engine.errors import format_path
 
     message = str(error.get("msg", "invalid"))
     return {

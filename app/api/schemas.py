@@ -293,7 +293,7 @@ class LogsIn(BaseModel):
 
 
 class RunResultIn(BaseModel):
-    """worker.train.RunResult as JSON; unknown keys are kept in the stored result."""
+    """worker.engine.train.RunResult as JSON; unknown keys are kept in the stored result."""
 
     model_config = ConfigDict(extra="allow")
 

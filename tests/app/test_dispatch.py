@@ -9,7 +9,7 @@ import pytest
 
 from app.dispatch import Dispatcher, celery_config, queue_for
 from tests.app.conftest import job_spec
-from worker.spec import parse_spec
+from worker.engine.spec import parse_spec
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 

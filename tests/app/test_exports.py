@@ -21,9 +21,9 @@ def sqlite_server(tmp_path):
 def trained_weights(spec: dict) -> bytes:
     from safetensors.torch import save
 
-    from worker.build import build_model
-    from worker.fields import FieldInfo
-    from worker.spec import parse_spec
+    from worker.engine.build import build_model
+    from worker.engine.fields import FieldInfo
+    from worker.engine.spec import parse_spec
 
     model = build_model(parse_spec(spec), {"input": FieldInfo((4,), "float32")}, None, device="cpu")
     return save({k: v.contiguous() for k, v in model.module.state_dict().items()})

@@ -226,8 +226,8 @@ OOM_SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     import torch
-    from worker.spec import parse_spec
-    from worker.train import run_job
+    from worker.engine.spec import parse_spec
+    from worker.engine.train import run_job
 
     folder = Path(sys.argv[1])
     spec = parse_spec(json.loads((folder / "spec.json").read_text()))

@@ -441,8 +441,8 @@ def reference_run(spec: dict[str, Any], examples_dir: Path, run_dir: Path) -> Re
 
     from safetensors.torch import load_file
 
-    from worker.spec import parse_spec
-    from worker.train import run_job
+    from worker.engine.spec import parse_spec
+    from worker.engine.train import run_job
 
     files = {
         spec["data"]["train"]: examples_dir / "data" / "digits_train.npz",

@@ -1,6 +1,6 @@
 """The worker task's pure parts (the rest runs end to end in tests/test_service_e2e.py)."""
 
-from worker.spec import parse_spec
+from worker.engine.spec import parse_spec
 from worker.task import _death_reason, pin_to_worker_gpu
 
 

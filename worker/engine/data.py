@@ -1,4 +1,4 @@
-"""Dataset files -> arrays (batches are in `worker.batches`).
+"""Dataset files -> arrays (batches are in `worker.engine.batches`).
 
 Formats: NPZ (named arrays), NPY (one array named "array", or one field per name
 of a structured dtype), CSV and Parquet (one field per column; a Parquet
@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from worker.errors import DataError, SpecError, SpecIssue, closest
-from worker.fields import FieldInfo
-from worker.spec import DataSpec
+from worker.engine.errors import DataError, SpecError, SpecIssue, closest
+from worker.engine.fields import FieldInfo
+from worker.engine.spec import DataSpec
 
 DEFAULT_MAX_BYTES = 8 * 2**30
 FORMATS = {".npz": "npz", ".npy": "npy", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}

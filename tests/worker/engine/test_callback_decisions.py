@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from worker.callbacks import (
+from worker.engine.callbacks import (
     EarlyStopState,
     early_stopping_decision,
     is_improvement,

@@ -11,8 +11,8 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-from worker.optim import LRSchedule, make_optimizer, make_scheduler
-from worker.spec import OptimizerSpec, SchedulerSpec
+from worker.engine.optim import LRSchedule, make_optimizer, make_scheduler
+from worker.engine.spec import OptimizerSpec, SchedulerSpec
 
 SCHEDULER = TypeAdapter(SchedulerSpec)
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from worker.build import build_model
-from worker.errors import SpecError
-from worker.fields import FieldInfo
-from worker.spec import parse_spec
+from worker.engine.build import build_model
+from worker.engine.errors import SpecError
+from worker.engine.fields import FieldInfo
+from worker.engine.spec import parse_spec
 
 
 def make_spec(model: dict, *, inputs: Any = "x", targets: Any = "y", loss: Any = "mse", **extra):

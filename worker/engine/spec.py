@@ -2,7 +2,7 @@
 
 This module is the contract users write against. It checks the shape of the
 document (types, ranges, names); whether the model graph, the shapes and the
-loss fit together is checked by `worker.build`, which reports errors with the
+loss fit together is checked by `worker.engine.build`, which reports errors with the
 same JSON paths (`model.nodes[3].in`).
 """
 
@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.errors import SpecError, SpecIssue
+from worker.engine.errors import SpecError, SpecIssue
 
 # Keys of a layer item that are ours, not arguments of the torch.nn class.
 LAYER_RESERVED_KEYS = frozenset({"type", "name", "in", "share", "init"})
@@ -184,7 +184,7 @@ class InitSpec(Strict):
 class LayerSpec(BaseModel):
     """One layer: `type` plus the keyword arguments of that torch.nn class.
 
-    Arguments are checked against the layer allowlist by `worker.build`
+    Arguments are checked against the layer allowlist by `worker.engine.build`
     (unknown, missing, wrongly typed), so the errors can name the exact path.
     """
 
@@ -556,7 +556,7 @@ def parse_spec(document: str | bytes | dict[str, Any]) -> JobSpec:
 
 def job_schema() -> dict[str, Any]:
     """The JSON Schema of a job spec, with the layer allowlist spelled out."""
-    from worker.layers import layer_schema
+    from worker.engine.layers import layer_schema
 
     schema = JobSpec.model_json_schema(by_alias=True)
     schema["$defs"]["LayerSpec"]["description"] += "\n\n" + layer_schema()["description"]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from worker.losses import CombinedLoss
-from worker.metrics import MetricAccumulator, metric_fit_error, metric_names
-from worker.spec import JobSpec, LossSpec, MetricSpec
+from worker.engine.losses import CombinedLoss
+from worker.engine.metrics import MetricAccumulator, metric_fit_error, metric_names
+from worker.engine.spec import JobSpec, LossSpec, MetricSpec
 
 BATCH_SIZES = [7, 3, 5, 1, 8]
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from worker.fields import FieldInfo
-from worker.spec import LossSpec
+from worker.engine.fields import FieldInfo
+from worker.engine.spec import LossSpec
 
 CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll"})
 BINARY_LOSSES = frozenset({"bce", "bce_with_logits"})

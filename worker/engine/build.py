@@ -22,9 +22,9 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from worker.errors import SpecError, SpecIssue, closest, did_you_mean
-from worker.fields import FieldInfo
-from worker.layers import (
+from worker.engine.errors import SpecError, SpecIssue, closest, did_you_mean
+from worker.engine.fields import FieldInfo
+from worker.engine.layers import (
     LayerDef,
     Shape,
     ShapeError,
@@ -34,8 +34,8 @@ from worker.layers import (
     same_value,
     show_shape,
 )
-from worker.losses import loss_fit_error
-from worker.spec import InitSpec, JobSpec, LayerSpec, LossSpec, ReduceOnPlateauSpec
+from worker.engine.losses import loss_fit_error
+from worker.engine.spec import InitSpec, JobSpec, LayerSpec, LossSpec, ReduceOnPlateauSpec
 
 META_BATCH = 2
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -725,7 +725,7 @@ class _Builder:
     def _check_metrics(
         self, outputs: list[str], losses: dict[str, LossSpec], output_shapes: dict[str, Shape]
     ) -> None:
-        from worker.metrics import metric_fit_error  # lazy, as in _check_monitors
+        from worker.engine.metrics import metric_fit_error  # lazy, as in _check_monitors
 
         metrics = self.spec.training.metrics
         if isinstance(metrics, dict):
@@ -748,8 +748,8 @@ class _Builder:
                     self.error(f"{base}[{index}]", prefix + problem)
 
     def _check_monitors(self) -> None:
-        # Lazy, so that building needs worker.metrics only when there is a spec to check.
-        from worker.metrics import metric_names
+        # Lazy, so that building needs worker.engine.metrics only when there is a spec to check.
+        from worker.engine.metrics import metric_names
 
         try:
             names = metric_names(self.spec)

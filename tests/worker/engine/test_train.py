@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worker.spec import parse_spec
-from worker.train import iter_metrics, prepare, run_job
+from worker.engine.spec import parse_spec
+from worker.engine.train import iter_metrics, prepare, run_job
 
 
 def small_digits(doc: dict, **training) -> dict:
@@ -33,7 +33,7 @@ def small_digits(doc: dict, **training) -> dict:
 
 def evaluate(spec_doc: dict, resolve, weights: Path) -> dict[str, float]:
     """Evaluate saved weights on the validation data, outside the trainer."""
-    from worker.build import build_model
+    from worker.engine.build import build_model
 
     spec = parse_spec(spec_doc)
     data, _ = prepare(spec, resolve)

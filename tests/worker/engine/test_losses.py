@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.fields import FieldInfo
-from worker.losses import CombinedLoss, loss_fit_error, make_loss, target_dtype, target_shape
-from worker.spec import LossSpec
+from worker.engine.fields import FieldInfo
+from worker.engine.losses import CombinedLoss, loss_fit_error, make_loss, target_dtype, target_shape
+from worker.engine.spec import LossSpec
 
 
 def spec(**kwargs) -> LossSpec:

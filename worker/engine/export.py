@@ -13,10 +13,10 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
-from worker.build import build_model
-from worker.errors import SpecError
-from worker.fields import FieldInfo
-from worker.spec import JobSpec
+from worker.engine.build import build_model
+from worker.engine.errors import SpecError
+from worker.engine.fields import FieldInfo
+from worker.engine.spec import JobSpec
 
 ExportFormat = Literal["pt2", "onnx"]
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
-    from worker.train import Trainer
+    from worker.engine.train import Trainer
 
 Mode = Literal["min", "max"]
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worker.errors import closest
+from worker.engine.errors import closest
 
 Shape = tuple[int, ...]
 Infer = Callable[[list[Shape], dict[str, Any]], dict[str, Any]]  # input shapes, args -> inferred

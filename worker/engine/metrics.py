@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from worker.losses import BINARY_LOSSES, CLASS_INDEX_LOSSES, show_shape
-from worker.spec import JobSpec, LossSpec, MetricSpec
+from worker.engine.losses import BINARY_LOSSES, CLASS_INDEX_LOSSES, show_shape
+from worker.engine.spec import JobSpec, LossSpec, MetricSpec
 
 EXTRA_METRICS = ("lr", "epoch_time_s", "samples_per_s")
 

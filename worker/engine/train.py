@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.batches import Batches, make_batches
-from worker.build import build_model
-from worker.callbacks import (
+from worker.engine.batches import Batches, make_batches
+from worker.engine.build import build_model
+from worker.engine.callbacks import (
     Callback,
     CheckpointInfo,
     EarlyStopping,
@@ -38,12 +38,12 @@ from worker.callbacks import (
     atomic_write_text,
     nan_decision,
 )
-from worker.data import ArrayData, describe, load_arrays, resolve_fields, split_validation
-from worker.errors import DataError, SpecError
-from worker.losses import CombinedLoss, target_dtype, target_shape
-from worker.metrics import MetricAccumulator
-from worker.optim import make_optimizer, make_scheduler
-from worker.spec import JobSpec, SplitSpec, default_mode, default_monitor
+from worker.engine.data import ArrayData, describe, load_arrays, resolve_fields, split_validation
+from worker.engine.errors import DataError, SpecError
+from worker.engine.losses import CombinedLoss, target_dtype, target_shape
+from worker.engine.metrics import MetricAccumulator
+from worker.engine.optim import make_optimizer, make_scheduler
+from worker.engine.spec import JobSpec, SplitSpec, default_mode, default_monitor
 
 Status = Literal["succeeded", "failed", "cancelled"]
 

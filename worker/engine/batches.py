@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worker.data import ArrayData
-from worker.spec import DataSpec
+from worker.engine.data import ArrayData
+from worker.engine.spec import DataSpec
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worker.build import build_model
-from worker.data import describe, resolve_fields
-from worker.export import ExportError, export_model
-from worker.spec import parse_spec
-from worker.train import run_job
+from worker.engine.build import build_model
+from worker.engine.data import describe, resolve_fields
+from worker.engine.export import ExportError, export_model
+from worker.engine.spec import parse_spec
+from worker.engine.train import run_job
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import torch
 
 from examples.make_digits import write_digits
 from examples.make_tabular import write_tabular
-from worker.batches import InMemoryBatches, StreamingBatches, epoch_order, make_batches
-from worker.data import (
+from worker.engine.batches import InMemoryBatches, StreamingBatches, epoch_order, make_batches
+from worker.engine.data import (
     ArrayData,
     DatasetInfo,
     describe,
@@ -26,9 +26,9 @@ from worker.data import (
     resolve_fields,
     split_validation,
 )
-from worker.errors import DataError, SpecError
-from worker.fields import FieldInfo
-from worker.spec import DataSpec
+from worker.engine.errors import DataError, SpecError
+from worker.engine.fields import FieldInfo
+from worker.engine.spec import DataSpec
 
 CPU = torch.device("cpu")
 

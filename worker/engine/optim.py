@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from worker.spec import (
+from worker.engine.spec import (
     CosineLRSpec,
     ExponentialLRSpec,
     MultiStepLRSpec,

@@ -14,12 +14,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from worker.build import build_model
-from worker.fields import FieldInfo
-from worker.layers import LAYERS, MERGE_OPS, layer_schema, resolve_type
-from worker.spec import job_schema, parse_spec
+from worker.engine.build import build_model
+from worker.engine.fields import FieldInfo
+from worker.engine.layers import LAYERS, MERGE_OPS, layer_schema, resolve_type
+from worker.engine.spec import job_schema, parse_spec
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def make_spec(model: dict, *, inputs: Any = "x", targets: Any = "y", loss: Any = "mse", **extra):
