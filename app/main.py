@@ -16,10 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits
 from app.api.routes import checkpoints, datasets, events, health, jobs, worker
-from app.api.schemas import ERROR_RESPONSES
+from app.api.schemas import ERROR_RESPONSES, JobOut
 from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
-from app.async_reads import AsyncReads
 from app.bootstrap import FIRST_USER
 from app.config import Settings, get_settings, with_worker_token
 from app.db import (
@@ -28,11 +27,10 @@ from app.db import (
     make_engine,
     make_read_sessions,
     make_sessions,
-    read_engine,
     session_scope,
 )
 from app.dispatch import Dispatcher
-from app.event_stream import EventPolls
+from app.job_reads import ReadModels
 from app.migrate import upgrade_engine
 from app.protocol import API_PREFIX
 from app.reconciler import Reconciler
@@ -55,6 +53,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     artifacts = ArtifactStore(settings.artifact_dir)
     dispatcher = Dispatcher(settings.broker_url, settings.home)
     telemetry = Telemetry(sessions)
+    read_models = ReadModels.create(engine, sessions, render_job=JobOut.render)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,7 +76,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         finally:
             if reconciler:
                 reconciler.stop()
-            await async_reads.close()
+            await read_models.close()
             dispatcher.close()
             engine.dispose()
 
@@ -85,11 +84,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
-    app.state.read_engine = read_engine(engine)
-    app.state.async_reads = async_reads = AsyncReads(engine)
-    app.state.shown_jobs = jobs.shown_jobs(app.state)
-    app.state.histories = jobs.histories(app.state)
-    app.state.event_polls = EventPolls(sessions)
+    app.state.read_models = read_models
     app.state.read_sessions = make_read_sessions(engine)
     app.state.artifacts = artifacts
     app.state.dispatcher = dispatcher

@@ -18,6 +18,7 @@ from app.db import Sessions, session_scope
 from app.dispatch import Dispatcher
 from app.errors import NotFound, Unauthorized
 from app.ids import hash_token
+from app.job_reads import ReadModels
 from app.models import Job
 from app.store import attempts, jobs, users
 from app.store.attempts import AttemptRef
@@ -45,6 +46,12 @@ async def _artifacts(request: Request) -> ArtifactStore:
 
 async def _dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
+
+
+def read_models(request: Request) -> ReadModels:
+    """The process's read models (app.job_reads), typed. A plain call, not a dependency:
+    the routes that use them (the polls) skip FastAPI's dependency solving."""
+    return request.app.state.read_models
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -153,6 +153,11 @@ class JobOut(JobSummary):
             spec=job.spec,
         )
 
+    @classmethod
+    def render(cls, job: Job | Row[Any]) -> bytes:
+        """The JSON answer of GET /jobs/{id} (kept as bytes by app.job_reads.ShownJobs)."""
+        return cls.of(job).model_dump_json().encode()
+
 
 class JobPage(BaseModel):
     jobs: list[JobSummary]

@@ -292,16 +292,14 @@ def test_a_history_is_read_again_only_after_the_job_reported_and_never_stale(
 ):
     """Dashboards polling between two reports share one read; a poll made after a report
     (or any event) always sees it."""
-    import app.api.routes.jobs as routes
-
     reads: list[str] = []
-    real = routes.metrics.history
+    real = metrics.history
 
     def counting(session, job_id, **kwargs):
         reads.append(job_id)
         return real(session, job_id, **kwargs)
 
-    monkeypatch.setattr(routes.metrics, "history", counting)
+    monkeypatch.setattr(metrics, "history", counting)
     attempt = claim(server, queued_job["id"])
     url = f"/jobs/{queued_job['id']}/metrics"
     attempt.post("metrics", {"points": points(1.0, 2.0)})

@@ -7,11 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import authenticate
+from app.api.deps import authenticate, read_models
 from app.api.schemas import MAX_INT64
 from app.errors import NotFound
 from app.event_stream import sse_frames
-from app.ids import is_id
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -41,15 +40,16 @@ async def job_events(
     ownership check are plain calls on the event loop, the check shared with GET
     /jobs/{id}'s coalesced reads, so a burst does not queue for the thread pool."""
     user = await authenticate(request)
-    owned = is_id(job_id) and await request.app.state.shown_jobs.get((job_id, user.id))
-    if not owned:  # missing, or another user's: the same answer
+    reads = read_models(request)
+    # missing, or another user's: the same answer
+    if await reads.jobs.get(job_id, user.id) is None:
         raise NotFound(f"no job {job_id!r}")
     if not after and last_event_id and last_event_id.isdigit():
         # no event id is larger than the column holds: a larger one means "after all of them"
         after = min(int(last_event_id), MAX_INT64)
     start = after or 0
     return StreamingResponse(
-        sse_frames(request.app.state.event_polls, job_id, start),
+        sse_frames(reads.events, job_id, start),
         media_type="text/event-stream",
         headers=STREAM_HEADERS,
     )

@@ -6,9 +6,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
     CurrentUser,
@@ -18,6 +16,7 @@ from app.api.deps import (
     SettingsDep,
     UserAuth,
     authenticate,
+    read_models,
 )
 from app.api.schemas import (
     MAX_INT64,
@@ -28,11 +27,9 @@ from app.api.schemas import (
     MetricPointOut,
     ValidateOut,
 )
-from app.async_reads import Coalesced
-from app.db import session_scope
 from app.errors import BadRequest, NotFound
 from app.ids import is_id
-from app.store import events, jobs, metrics
+from app.store import events, jobs
 from app.submission import check_spec, submit_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
@@ -119,33 +116,13 @@ def _decode(cursor: str | None) -> str | None:
 async def get_job(request: Request, job_id: str) -> Response:
     """What a watcher polls, so it skips the dependency machinery: auth and the
     read are plain calls (the same checks as CurrentUser and OwnedJob), and polls
-    made at the same moment share one query and one rendering of each job."""
+    made at the same moment share one query and one rendering of each job
+    (app.job_reads.ShownJobs)."""
     user = await authenticate(request)
-    if not is_id(job_id):  # '..', a NUL byte: absent, without asking the database
-        raise NotFound(f"no job {job_id!r}")
-    body = await request.app.state.shown_jobs.get((job_id, user.id))
+    body = await read_models(request).jobs.get(job_id, user.id)
     if body is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
     return Response(body, media_type="application/json")
-
-
-def shown_jobs(state: Any) -> Coalesced[tuple[str, int], bytes]:
-    """The answers of GET /jobs/{id} by (job id, user id), coalesced (app.async_reads)."""
-
-    async def fetch(keys: list[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
-        ids = sorted({job_id for job_id, _ in keys})
-        rows = await jobs.shown_by_id(state.async_reads, state.read_engine, ids)
-        rendered: dict[str, bytes] = {}
-        out = {}
-        for job_id, user_id in keys:
-            row = rows.get(job_id)
-            if row is not None and row.user_id == user_id:
-                if job_id not in rendered:
-                    rendered[job_id] = JobOut.of(row).model_dump_json().encode()
-                out[(job_id, user_id)] = rendered[job_id]
-        return out
-
-    return Coalesced(fetch)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
@@ -174,60 +151,14 @@ async def metric_history(
     ] = None,
 ) -> Response:
     """What a dashboard polls, with GET /jobs/{id}: reads made at the same moment with the
-    same question share one read and one rendering (see `histories`)."""
+    same question share one read and one rendering (app.job_reads.MetricHistories)."""
     user = await authenticate(request)
-    if not is_id(job_id):
-        raise NotFound(f"no job {job_id!r}")
-    wanted = tuple(sorted({n.strip() for n in (names or "").split(",") if n.strip()}))
-    key = (job_id, user.id, wanted, since_step, max_points)
-    body = await request.app.state.histories.get(key)
+    body = await read_models(request).histories.get(
+        job_id, user.id, names=names, since_step=since_step, max_points=max_points
+    )
     if body is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
     return Response(body, media_type="application/json")
-
-
-HistoryKey = tuple[str, int, tuple[str, ...], int | None, int | None]
-KEPT_HISTORIES = 1_000  # answers an API process keeps (see `histories`)
-
-
-def histories(state: Any) -> Coalesced[HistoryKey, bytes]:
-    """Answers of GET /jobs/{id}/metrics by (job, user, names, since_step, max_points),
-    coalesced (app.async_reads): the reads of a batch in one thread and transaction.
-
-    An answer is kept with the id of the job's latest event when it was read, and
-    given again while that id is unchanged (a job's event ids grow in commit order,
-    and every metrics report appends one): dashboards polling a job between two of
-    its worker's reports share one read. The id is read after the poll arrived, so
-    a poll still sees everything committed before it.
-    """
-    kept: dict[HistoryKey, tuple[int, bytes]] = {}
-
-    def read(keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
-        with session_scope(state.sessions) as session:
-            found = jobs.owners(session, sorted({key[0] for key in keys}))
-            out = {}
-            for key in keys:
-                job_id, user_id, names, since_step, max_points = key
-                owner, version = found.get(job_id, (None, 0))
-                if owner != user_id:
-                    continue
-                hit = kept.get(key)
-                if hit is not None and hit[0] == version:
-                    out[key] = hit[1]
-                    continue
-                history = metrics.history(
-                    session, job_id, names=names, since_step=since_step, max_points=max_points
-                )
-                out[key] = orjson.dumps(history)
-                if len(kept) >= KEPT_HISTORIES:
-                    kept.clear()
-                kept[key] = (version, out[key])
-            return out
-
-    async def fetch(keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
-        return await run_in_threadpool(read, keys)
-
-    return Coalesced(fetch, in_flight=2)
 
 
 @router.get("/{job_id}/logs", response_model=LogsOut)
