@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.settings import DEFAULT_BROKER_URL, DEFAULT_HOME, CommonSettings
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -24,25 +25,16 @@ MIN_SECRET_LENGTH = 16
 _PLACEHOLDER_SECRETS = {"changethis", "changeme", "secret", "password", "token"}
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TORCHYARD_", extra="ignore")
+class Settings(CommonSettings):
+    """The API's settings: those shared with workers (`home`, `broker_url`, `api_url`,
+    `worker_token`: worker.settings.CommonSettings) and its own."""
 
-    home: Path = Field(default=Path(".torchyard"), description="Embedded mode's state folder")
     max_params: int = Field(default=500_000_000, ge=1, description="Largest model a spec may build")
 
     database_url: str = Field(description="SQLAlchemy URL; default sqlite:///$HOME/torchyard.db")
-    broker_url: str = Field(
-        default="filesystem://", description="Celery broker; redis://... deployed"
-    )
     artifact_dir: Path = Field(description="Datasets and checkpoints; default $HOME/artifacts")
-    api_url: str = Field(
-        default="http://127.0.0.1:8000", description="Where workers and the CLI reach the API"
-    )
     token: str | None = Field(
         default=None, description="A user's bearer token (CLI; ensured by serve)"
-    )
-    worker_token: str | None = Field(
-        default=None, description="Shared secret workers claim jobs with"
     )
 
     lease_s: float = Field(default=30, gt=0, description="Heartbeat lease of a running job")
@@ -82,7 +74,7 @@ class Settings(BaseSettings):
     def _derive_from_home(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        home = Path(data.get("home") or ".torchyard").expanduser().resolve()
+        home = Path(data.get("home") or DEFAULT_HOME).expanduser().resolve()
         data["home"] = home
         if not data.get("database_url"):
             data["database_url"] = f"sqlite:///{home / 'torchyard.db'}"
@@ -90,7 +82,7 @@ class Settings(BaseSettings):
             data["artifact_dir"] = home / "artifacts"
         if data.get("local_mode") in (None, ""):
             url = str(data["database_url"])
-            broker = str(data.get("broker_url") or "filesystem://")
+            broker = str(data.get("broker_url") or DEFAULT_BROKER_URL)
             data["local_mode"] = url.startswith("sqlite") and broker.startswith("filesystem")
         return data
 
@@ -111,11 +103,6 @@ class Settings(BaseSettings):
                     f"use at least {MIN_SECRET_LENGTH} random characters"
                 )
         return self
-
-    @property
-    def broker_dir(self) -> Path:
-        """Folders of the embedded `filesystem://` broker."""
-        return self.home / "broker"
 
 
 @lru_cache

@@ -39,7 +39,6 @@ NAMING = {
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATUSES = frozenset({"queued", "running"})
-CHECKPOINT_KINDS = ("best", "last", "top_k")
 
 
 def utcnow() -> datetime:

@@ -1,7 +1,9 @@
 """Worker settings: what a GPU worker needs to know, and nothing about the API's state.
 
-The same `TORCHYARD_*` names as the API's settings (docs/service.md), so one
-environment serves both in embedded mode and in docker compose.
+`CommonSettings` declares the `TORCHYARD_*` names the API and its workers share
+(docs/service.md), once: the API's `app.config.Settings` extends it (app may import
+worker.settings, not the reverse), so one environment serves both in embedded mode
+and in docker compose, with the same defaults.
 """
 
 from __future__ import annotations
@@ -13,14 +15,28 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_HOME = Path(".torchyard")
+DEFAULT_BROKER_URL = "filesystem://"  # kombu's filesystem transport: the embedded broker
 
-class WorkerSettings(BaseSettings):
+
+class CommonSettings(BaseSettings):
+    """What the API and its workers both read from the environment."""
+
     model_config = SettingsConfigDict(env_prefix="TORCHYARD_", extra="ignore")
 
-    home: Path = Field(default=Path(".torchyard"))
-    broker_url: str = "filesystem://"
-    api_url: str = "http://127.0.0.1:8000"
-    worker_token: str = ""
+    home: Path = Field(default=DEFAULT_HOME, description="Embedded mode's state folder")
+    broker_url: str = Field(
+        default=DEFAULT_BROKER_URL, description="Celery broker; redis://... deployed"
+    )
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", description="Where workers and the CLI reach the API"
+    )
+    # "" is unset: the API then makes one in local mode (app.config.with_worker_token)
+    # and refuses to start without one outside it.
+    worker_token: str = Field(default="", description="Shared secret workers claim jobs with")
+
+
+class WorkerSettings(CommonSettings):
     work_dir: Path | None = Field(default=None, description="Run folders and dataset cache")
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     report_buffer_points: int = Field(

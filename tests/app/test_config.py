@@ -49,3 +49,25 @@ def test_local_mode_gets_a_worker_token_that_survives_restarts(tmp_path):
         with_worker_token(Settings(home=tmp_path, worker_token="given" * 4)).worker_token
         == "given" * 4
     )
+
+
+def test_the_api_and_its_workers_read_the_shared_names_alike(tmp_path, monkeypatch):
+    from worker.settings import WorkerSettings
+
+    shared = ("broker_url", "api_url", "worker_token")
+    for name in (*shared, "home"):
+        monkeypatch.delenv(f"TORCHYARD_{name.upper()}", raising=False)
+    api, worker = Settings(), WorkerSettings()
+    assert {n: getattr(api, n) for n in shared} == {n: getattr(worker, n) for n in shared}
+    assert api.worker_token == ""  # unset: made by with_worker_token in local mode
+    assert api.home == worker.home.resolve()
+
+    monkeypatch.setenv("TORCHYARD_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHYARD_BROKER_URL", "redis://r:6379/0")
+    monkeypatch.setenv("TORCHYARD_API_URL", "http://api:8000")
+    monkeypatch.setenv("TORCHYARD_WORKER_TOKEN", "w" * 32)
+    monkeypatch.setenv("TORCHYARD_TOKEN", "t" * 32)
+    api, worker = Settings(), WorkerSettings()
+    assert {n: getattr(api, n) for n in shared} == {n: getattr(worker, n) for n in shared}
+    assert api.home == worker.home == tmp_path
+    assert api.local_mode is False
