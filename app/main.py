@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import tenacity
 from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
@@ -115,14 +115,22 @@ def ensure_admin_token(sessions: Sessions, token: str) -> None:
 
 
 def migrate_when_reachable(engine: Engine, wait_s: float) -> None:
-    """Run migrations, waiting up to `wait_s` for a database that is still starting (compose)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            upgrade_engine(engine)
-            return
-        except Exception as exc:
-            if not is_connection_error(exc) or time.monotonic() >= deadline:
-                raise
-            log.warning("database not reachable yet (%s); retrying", str(exc).splitlines()[0])
-            time.sleep(1)
+    """Run migrations, waiting up to `wait_s` for a database that is still starting (compose).
+
+    Only connection errors are waited out; any other error (a failed migration) is raised at once.
+    """
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_connection_error),
+        stop=tenacity.stop_after_delay(wait_s),
+        wait=tenacity.wait_fixed(1),
+        before_sleep=_log_unreachable,
+        reraise=True,
+    )
+    retrying(upgrade_engine, engine)
+
+
+def _log_unreachable(retry_state: tenacity.RetryCallState) -> None:
+    outcome = retry_state.outcome
+    exc = outcome.exception() if outcome else None
+    first_line = next(iter(str(exc).splitlines()), "")
+    log.warning("database not reachable yet (%s); retrying", first_line)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tenacity
+
 from worker.client import ApiUnavailable, NotClaimable, StaleAttempt, WorkerClient
 from worker.reporting import ProgressToQueue, QueueReporter, Uploader
 from worker.settings import WorkerSettings
@@ -191,19 +193,22 @@ def _finish(
     deadline: float | None = None,
 ) -> str:
     deadline = deadline or time.monotonic() + FINISH_RETRY_S
-    delay = 0.5
-    while True:
-        try:
-            api.finish(job_id, status, result)
-            return status
-        except StaleAttempt:
-            return "stale"
-        except ApiUnavailable:
-            if time.monotonic() > deadline:
-                log.error("job %s: API unreachable; leaving it to the lease reconciler", job_id)
-                return "unreported"
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(ApiUnavailable),
+        wait=tenacity.wait_exponential(multiplier=0.5, max=10.0),  # 0.5 s, 1 s, ... 10 s
+        # the deadline is the caller's (shared with draining the reports); tenacity < 8.2
+        # passes the state by keyword, hence its name
+        stop=lambda retry_state: time.monotonic() > deadline,
+        reraise=True,
+    )
+    try:
+        retrying(api.finish, job_id, status, result)
+        return status
+    except StaleAttempt:
+        return "stale"
+    except ApiUnavailable:
+        log.error("job %s: API unreachable; leaving it to the lease reconciler", job_id)
+        return "unreported"
 
 
 def _death_reason(exitcode: int | None) -> str:

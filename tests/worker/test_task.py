@@ -1,7 +1,12 @@
 """The worker task's pure parts (the rest runs end to end in tests/test_service_e2e.py)."""
 
+import socket
+import threading
+import time
+
+from worker.client import WorkerClient
 from worker.engine.spec import parse_spec
-from worker.task import _death_reason, pin_to_worker_gpu
+from worker.task import _death_reason, _finish, pin_to_worker_gpu
 
 
 def spec_on(device: str):
@@ -25,3 +30,28 @@ def test_a_dead_training_process_gets_a_one_line_reason():
     assert _death_reason(-9) == "training process was killed by SIGKILL (out of memory?)"
     assert _death_reason(-11) == "training process was killed by SIGSEGV"
     assert "exited with code 3" in _death_reason(3)
+
+
+def test_finish_retries_an_unreachable_api_then_leaves_the_job_to_the_reconciler():
+    # A peer that accepts each connection and hangs up at once: the API is unreachable.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    accepted: list[int] = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # the server socket closed: the test is over
+                return
+            accepted.append(1)
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    api = WorkerClient(f"http://127.0.0.1:{port}", "token", timeout=5.0)
+    try:
+        status = _finish(api, "job", "succeeded", {}, deadline=time.monotonic() + 1.0)
+    finally:
+        server.close()
+    assert status == "unreported"
+    assert len(accepted) >= 2  # asked again after a wait before it gave up
