@@ -9,7 +9,9 @@ The pool is ours and small on purpose: a connection is made when none is idle
 (a refused connection is at once a 503, as on the synchronous path, rather than
 a wait for a pool that retries in the background); one that fails is dropped;
 a read that fails on a connection idle across a database restart is retried
-once on a fresh one.
+once on a fresh one. psycopg_pool does neither: its callers wait for a background
+reconnect up to a timeout, and a retry gets the next idle (equally dead) connection
+unless every checkout pays a check round trip (docs/architecture.md).
 
 `Coalesced`: lookups made at the same moment answered by one batch read.
 """
