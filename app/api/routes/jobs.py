@@ -116,8 +116,7 @@ def _decode(cursor: str | None) -> str | None:
 async def get_job(request: Request, job_id: str) -> Response:
     """What a watcher polls, so it skips the dependency machinery: auth and the
     read are plain calls (the same checks as CurrentUser and OwnedJob), and polls
-    made at the same moment share one query and one rendering of each job
-    (app.job_reads.ShownJobs)."""
+    made at the same moment share one query and one rendering of each job."""
     user = await authenticate(request)
     body = await read_models(request).jobs.get(job_id, user.id)
     if body is None:  # missing, or another user's: the same answer
@@ -151,7 +150,7 @@ async def metric_history(
     ] = None,
 ) -> Response:
     """What a dashboard polls, with GET /jobs/{id}: reads made at the same moment with the
-    same question share one read and one rendering (app.job_reads.MetricHistories)."""
+    same question share one read and one rendering."""
     user = await authenticate(request)
     body = await read_models(request).histories.get(
         job_id, user.id, names=names, since_step=since_step, max_points=max_points
