@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,7 +81,7 @@ def _follow(client: Any, job_id: str) -> None:
     final: dict[str, Any] = {}
     with progress:
         task = progress.add_task("job", total=None, status="queued", epoch="-", info="")
-        for _, kind, data in _api_call(lambda: list_events(client, job_id)):
+        for _, kind, data in _api_stream(client.events(job_id)):
             if kind == "status":
                 progress.update(task, status=data.get("status", ""))
             elif kind == "progress" or (kind == "status" and "progress" in data):
@@ -107,8 +108,14 @@ def _follow(client: Any, job_id: str) -> None:
         raise typer.Exit(1)
 
 
-def list_events(client: Any, job_id: str) -> Any:
-    yield from client.events(job_id)
+def _api_stream(items: Iterator[Any]) -> Iterator[Any]:
+    """_api_call for a stream: an ApiError part-way through ends the command the same way."""
+    from app.client import ApiError
+
+    try:
+        yield from items
+    except ApiError as exc:
+        raise fail(exc.lines) from None
 
 
 def _show_progress(progress: Any, task: Any, p: dict[str, Any]) -> None:
