@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError, connect_sse
+
+RECONNECT_S = 1.0  # before reopening a dropped event stream, unless the server sent `retry:`
+GIVE_UP_S = 60.0  # an event stream down this long (no event received) is lost
+# The server sends a keepalive comment on a quiet stream every 15 s: a read waiting
+# much longer is on a connection that died without a word (a host gone, a NAT reset).
+READ_TIMEOUT_S = 60.0
 
 
 class ApiError(Exception):
@@ -112,28 +119,47 @@ class ApiClient:
     def events(
         self, job_id: str, last_event_id: str | None = None
     ) -> Iterator[tuple[str, str, Any]]:
-        """Yield (id, event, data) from the job's server-sent events until `end`."""
-        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-        with self.http.stream(
-            "GET", f"/jobs/{job_id}/events", headers=headers, timeout=None
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                _check(response)
-            event_id, kind, data = "", "message", []
-            for line in response.iter_lines():
-                if not line:
-                    if data:
-                        yield event_id, kind, json.loads("\n".join(data))
-                        if kind == "end":
+        """Yield (id, event, data) from the job's server-sent events until `end`.
+
+        httpx-sse reads the stream (id, event, data, retry as the SSE spec says); it
+        does not reconnect, so this does: a dropped or stalled stream is reopened with
+        Last-Event-ID, after the server's `retry` (or RECONNECT_S), and no event is
+        lost or repeated. A stream down for GIVE_UP_S is an ApiError.
+        """
+        last_id = last_event_id or ""
+        delay = RECONNECT_S
+        down_since: float | None = None
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(
+                    self.http,
+                    "GET",
+                    f"/jobs/{job_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(self.http.timeout.connect, read=READ_TIMEOUT_S),
+                ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        _check(source.response)
+                    for sse in source.iter_sse():
+                        if sse.retry is not None:
+                            delay = sse.retry / 1000
+                        if not sse.data:  # a block with only id or retry: no event
+                            continue
+                        down_since, last_id = None, sse.id
+                        yield sse.id, sse.event, sse.json()
+                        if sse.event == "end":
                             return
-                    event_id, kind, data = "", "message", []
-                elif line.startswith("id:"):
-                    event_id = line[3:].strip()
-                elif line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
+                problem = "the stream closed before the job's end"
+            except SSEError as exc:  # not an event stream at all: retrying will not help
+                raise ApiError(0, f"{self.url}: {exc}") from None
+            except httpx.TransportError as exc:
+                problem = str(exc) or type(exc).__name__
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > GIVE_UP_S:
+                raise ApiError(0, f"lost the event stream of job {job_id}: {problem}")
+            time.sleep(delay)
 
 
 def _check(response: httpx.Response) -> httpx.Response:

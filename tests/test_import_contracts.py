@@ -5,7 +5,7 @@
 - `worker/` never imports `app/`.
 - `app/` imports the engine and the shared settings (`worker.settings`), never the
   worker process (`worker.celery_app`, `task`, `reporting`, `client`); the one
-  exception is the CLI's `worker` command, which starts that process.
+  exception is `app/cli/service.py` (the `worker` command), which starts that process.
 
 Every import statement counts, also the lazy ones inside functions.
 """
@@ -38,7 +38,7 @@ ENGINE_FORBIDDEN = (
 )
 WORKER_PROCESS = ("worker.celery_app", "worker.task", "worker.reporting", "worker.client")
 # The `torchyard worker` command starts the worker process: it is the launcher.
-APP_MAY_LAUNCH_WORKER = frozenset({"app/cli.py"})
+APP_MAY_LAUNCH_WORKER = frozenset({"app/cli/service.py"})
 
 
 def module_name(path: Path, root: Path) -> str:

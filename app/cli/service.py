@@ -1,0 +1,169 @@
+"""The service's processes: `serve` (API and workers in one command) and `worker`.
+
+The one module of `app/` that imports the worker process (`worker.celery_app`): it
+starts it (tests/test_import_contracts.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Annotated, Any
+
+import typer
+
+from app.cli.terminal import console, err
+
+STARTUP_FAILURE = 3  # uvicorn.run's exit code when the server could not start
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Training worker processes to start.")] = 1,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Show the API's and the workers' logs here instead of in $TORCHYARD_HOME/logs/serve.log.",
+        ),
+    ] = False,
+) -> None:
+    """Start the API and training workers with embedded defaults (SQLite, no broker server)."""
+    import logging
+
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    from app.bootstrap import bootstrap
+    from app.cli import serve_logs
+    from app.cli.embedded_workers import EmbeddedWorkers
+    from app.config import Settings, with_worker_token
+    from app.main import create_app
+
+    env_url = os.environ.get("TORCHYARD_API_URL")
+    settings = Settings(api_url=env_url or f"http://{host}:{port}")  # type: ignore[call-arg]
+    settings = with_worker_token(settings)
+    token = bootstrap(settings)
+    log_path = None if verbose else serve_logs.fresh_log(settings.home)
+    child_env = {
+        **os.environ,
+        "TORCHYARD_HOME": str(settings.home),
+        "TORCHYARD_API_URL": settings.api_url,
+        "TORCHYARD_BROKER_URL": settings.broker_url,
+        "TORCHYARD_WORKER_TOKEN": settings.worker_token or "",
+        "PYTHONUNBUFFERED": "1",  # the log shows a worker's lines as they happen
+    }
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(log_path.open("a")) if log_path else None
+        embedded = EmbeddedWorkers(
+            workers,
+            child_env,
+            output=output,
+            log_path=log_path,
+            say=lambda line: console.print(line, highlight=False),
+            warn=lambda line: err.print(
+                f"[red]error:[/red] {line}", highlight=False, soft_wrap=True
+            ),
+        )
+        console.print(
+            f"torchyard API at {settings.api_url}  (docs: {settings.api_url}/docs)",
+            highlight=False,
+        )
+        console.print(f"state in {settings.home}", highlight=False, soft_wrap=True)
+        if token:
+            # Plain print: a wrapped token would not survive copy and paste.
+            print(f"your token (shown once):\n  export TORCHYARD_TOKEN={token}", flush=True)
+        else:
+            console.print(
+                "token: the one shown at first start, or $TORCHYARD_TOKEN", highlight=False
+            )
+        if log_path:
+            console.print(
+                f"logs in {log_path} (serve --verbose shows them here)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            logging.captureWarnings(True)
+        else:
+            serve_logs.verbose_logging()
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                # Ctrl+C reaches the workers too: their exit from here on is no surprise.
+                embedded.stopping.set()
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="info" if verbose else None,
+            log_config=serve_logs.uvicorn_log_config(log_path) if log_path else LOGGING_CONFIG,
+            # Open SSE streams would otherwise hold a shutdown until they end.
+            timeout_graceful_shutdown=3,
+        )
+        server = Server(config)
+        try:
+            # As uvicorn.run runs it: a signal ends run(), SIGINT as a KeyboardInterrupt.
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run()
+        finally:
+            embedded.stop()
+        if not server.started:
+            raise typer.Exit(STARTUP_FAILURE)
+
+
+def worker_command(
+    gpu: Annotated[
+        int | None, typer.Option(help="Train on this GPU only (sets CUDA_VISIBLE_DEVICES).")
+    ] = None,
+    queues: Annotated[
+        str | None,
+        typer.Option(help="Queues to take jobs from (default: gpu with --gpu, else cpu,gpu)."),
+    ] = None,
+    name: Annotated[str, typer.Option(help="Worker name (unique per host).")] = "worker",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    ready_fd: Annotated[
+        int | None, typer.Option(hidden=True, help="serve's pipe: write NAME when ready.")
+    ] = None,
+) -> None:
+    """Start a training worker: one job at a time, each in its own child process."""
+    if gpu is not None:
+        # Before torch is imported anywhere: the worker and its children see one GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ["TORCHYARD_GPU"] = str(gpu)
+    from worker.celery_app import app as celery
+
+    if ready_fd is not None:
+        _tell_when_ready(ready_fd, name)
+    celery.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues or ("gpu" if gpu is not None else "cpu,gpu"),
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            loglevel,
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+def _tell_when_ready(fd: int, name: str) -> None:
+    """Write `name` to serve's pipe once Celery consumes from the queues, then close it."""
+    from celery.signals import worker_ready
+
+    def ready(**_: Any) -> None:
+        with contextlib.suppress(OSError):  # serve is gone: nobody to tell
+            os.write(fd, f"{name}\n".encode())
+            os.close(fd)
+
+    worker_ready.connect(ready, weak=False)
