@@ -10,6 +10,8 @@ time on a worker thread, so hashing and disk writes never hold up the event loop
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 
 from fastapi.exceptions import RequestValidationError
@@ -110,6 +112,7 @@ async def receive_file(
             "on_part_end": parts.on_part_end,
         },
     )
+    writer = _Writer(write)
     try:
         async for chunk in request.stream():
             parser.write(chunk)
@@ -117,24 +120,48 @@ async def receive_file(
                 parts.file_started = False
                 on_name(parts.filename)
             if len(parts.pending) >= WRITE_BYTES:
-                await _flush(parts, write)
+                await writer.send(parts)
         parser.finalize()
+        if parts.file_started:
+            on_name(parts.filename)
+        if not parts.file_seen:
+            raise _missing(field, "Field required")
+        if not parts.file_complete:
+            raise BadRequest(f"the multipart body ends inside the {field!r} part")
+        await writer.send(parts)
+        await writer.drain()
     except FormParserError as exc:
         detail = str(exc).strip().splitlines()
         raise BadRequest(
             f"malformed multipart body: {detail[0] if detail else 'unreadable'}"
         ) from None
-    if parts.file_started:
-        on_name(parts.filename)
-    if not parts.file_seen:
-        raise _missing(field, "Field required")
-    if not parts.file_complete:
-        raise BadRequest(f"the multipart body ends inside the {field!r} part")
-    await _flush(parts, write)
+    finally:
+        # the caller discards the destination next: no write may still be running into it
+        await writer.settle()
 
 
-async def _flush(parts: _Parts, write: Callable[[bytes], None]) -> None:
-    if parts.pending:
+class _Writer:
+    """Writes on a worker thread, one at a time, while the loop receives the next MiB:
+    receiving and writing overlap, and the writes stay in order."""
+
+    def __init__(self, write: Callable[[bytes], None]):
+        self.write = write
+        self.running: asyncio.Future[None] | None = None
+
+    async def send(self, parts: _Parts) -> None:
+        if not parts.pending:
+            return
         data = bytes(parts.pending)
         parts.pending.clear()
-        await run_in_threadpool(write, data)
+        await self.drain()
+        self.running = asyncio.ensure_future(run_in_threadpool(self.write, data))
+
+    async def drain(self) -> None:
+        """Wait for the running write; its error (TooLarge, a full disk) is raised here."""
+        running, self.running = self.running, None
+        if running is not None:
+            await running
+
+    async def settle(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.drain()
