@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,7 +173,7 @@ def test_a_client_that_hangs_up_mid_request_is_one_info_line_not_an_error(api):
     assert not api.temp_files()  # the cut-off upload's bytes went with it
 
 
-def test_the_log_of_a_refused_upload_is_quiet(api: ApiProcess, tmp_path: Path):
+def test_the_log_of_a_refused_upload_is_quiet(api: ApiProcess):
     start = len(api.log())
     with api.client() as client:
         response = client.post("/datasets", files={"file": ("x.txt", b"hello")})
