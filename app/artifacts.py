@@ -54,6 +54,12 @@ class TempFile:
             os.fsync(self._handle.fileno())
             self._handle.close()
 
+    def discard(self) -> None:
+        """Close and remove without syncing: nothing will read it (a sync of a big
+        abandoned upload would stall the caller for seconds)."""
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
+
 
 class ArtifactStore:
     def __init__(self, root: Path):
@@ -75,8 +81,7 @@ class ArtifactStore:
         try:
             yield temp
         finally:
-            temp.close()
-            temp.path.unlink(missing_ok=True)
+            temp.discard()  # after commit() the temp name is gone already
 
     def commit(self, temp: TempFile, relative: str) -> Path:
         """Atomically move a complete temp file to `relative` (replacing any file there)."""

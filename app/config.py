@@ -60,6 +60,24 @@ class Settings(CommonSettings):
         description="Largest dataset once unpacked (NPZ members, Parquet columns): "
         "a zip bomb is refused from its index, before anything is inflated",
     )
+    max_dataset_columns: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most fields a dataset may have (CSV and Parquet columns, NPY record "
+        "fields): a wider CSV header is refused before the file is parsed",
+    )
+    max_dataset_members: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most members an NPZ may hold: counted from the zip's end record, "
+        "before its index is read",
+    )
+    max_class_scan_bytes: int = Field(
+        default=256 * MIB,
+        ge=0,
+        description="Integer data an upload reads to count classes, smallest fields first; "
+        "a field past it is described without num_classes (a job checks its labels)",
+    )
     max_spec_bytes: int = Field(default=MIB, ge=1, description="Largest job spec document")
     max_epochs: int = Field(default=100_000, ge=1, description="Most epochs a job may ask for")
     max_running_jobs_per_user: int | None = Field(

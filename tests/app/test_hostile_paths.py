@@ -13,6 +13,8 @@ import http.client
 import json
 from pathlib import Path
 
+import httpx
+
 from tests.app.conftest import Server, claim, job_spec, submit, upload
 
 TRAVERSALS = [
@@ -217,6 +219,47 @@ def test_numbers_past_the_database_columns_are_422_naming_the_parameter(server, 
         "GET", f"/jobs/{job}/events", headers={"Last-Event-ID": huge}, timeout=3
     ) as stream:
         assert stream.status_code == 200
+
+
+def test_any_last_event_id_is_a_clean_answer(server, user, queued_job):
+    """A Last-Event-ID is an event id (ASCII digits, any length) or it is 422; never a 500.
+
+    10,000 digits was a 500: int() refuses more than 4,300. Past the largest id, of any
+    length, it means "after all of them"; empty is no id (the stream starts at the top).
+    """
+    job = queued_job["id"]
+
+    def first_frame(last_id: str | bytes) -> tuple[int, str]:
+        with user.stream(
+            "GET", f"/jobs/{job}/events", headers={"Last-Event-ID": last_id}, timeout=3
+        ) as stream:
+            if stream.status_code != 200:
+                stream.read()
+                return stream.status_code, stream.text
+            try:
+                for line in stream.iter_lines():
+                    if line.startswith("id:"):
+                        return 200, line
+            except httpx.ReadTimeout:
+                return 200, ""  # nothing after that id yet: the stream waits
+        return 200, ""
+
+    status, first = first_frame("")
+    assert status == 200 and first.startswith("id:")  # from the top
+    assert first_frame("1" * 10_000) == (200, "")
+    assert first_frame("0" * 10_000 + "0") == (200, first)  # zero: from the top
+    # headers travel as bytes: Arabic-Indic digits in UTF-8, and "²" in Latin-1, which
+    # the server reads back as "²" (str.isdigit() says yes, int() says no: was a 500)
+    unicode_digits = ("١٢٣".encode(), "²".encode("latin-1"))
+    for garbage in ("-1", "abc", "1e3", "0x10", "12 34", "+5", *unicode_digits):
+        status, text = first_frame(garbage)
+        assert status == 422, (garbage, text)
+        [issue] = json.loads(text)["detail"]
+        assert issue["path"] == "header.Last-Event-ID"
+        assert issue["message"].startswith("an event id is a number of digits 0-9, found ")
+    response = user.get(f"/jobs/{job}/events", params={"after": "9" * 10_000})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["path"] == "query.after"
 
 
 def test_values_the_database_cannot_store_are_422_not_500(server, user, queued_job):

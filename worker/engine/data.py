@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import struct
 import zipfile
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -33,6 +35,19 @@ from worker.engine.fields import FieldInfo
 from worker.engine.spec import DataSpec
 
 DEFAULT_MAX_BYTES = 8 * 2**30
+DEFAULT_MAX_COLUMNS = 10_000
+DEFAULT_MAX_MEMBERS = 10_000
+DEFAULT_MAX_SCAN_BYTES = 256 * 2**20
+# Describing reads data in pieces this size: its memory does not grow with the file.
+SCAN_CHUNK = 4 * 2**20
+# A CSV header is read whole before pyarrow sees the file: this much per allowed column.
+HEADER_BYTES_PER_COLUMN = 1024
+# A Parquet footer (schema and row-group index) is parsed whole by pyarrow.
+MAX_PARQUET_FOOTER = 64 * 2**20
+SCAN_ROWS = 65_536
+CSV_BLOCK = 16 * 2**20
+# zipfile reads an NPZ's index whole; numpy's entries take ~100 bytes.
+ZIP_INDEX_BYTES_PER_MEMBER = 256
 FORMATS = {".npz": "npz", ".npy": "npy", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 FORMAT_NAMES = {"npz": "NPZ", "npy": "NPY", "csv": "CSV", "parquet": "Parquet"}
 PICKLE_REFUSED = "holds Python objects (pickle), which torchyard refuses"
@@ -74,13 +89,46 @@ class DatasetInfo:
         return cls(doc["format"], doc["rows"], fields)
 
 
-def describe(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> DatasetInfo:
-    """Every field of a dataset file with its per-sample shape, dtype and class count."""
+@dataclass(frozen=True)
+class ScanBounds:
+    """How much work describing one upload may do, whatever the file claims.
+
+    `max_columns` caps CSV/Parquet columns and NPY record fields, `max_members` the
+    members of an NPZ; both are counted before pyarrow or zipfile parse a header or an
+    index (a 400,000-member zip index alone takes seconds and hundreds of MB).
+    `max_scan_bytes` is the integer data read to count classes, smallest fields first:
+    a field past it is described without `num_classes`.
+    """
+
+    max_columns: int = DEFAULT_MAX_COLUMNS
+    max_members: int = DEFAULT_MAX_MEMBERS
+    max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
+
+
+def describe(
+    path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, bounds: ScanBounds | None = None
+) -> DatasetInfo:
+    """Every field of a dataset file with its per-sample shape, dtype and class count.
+
+    Bounded work: counts are checked first (`ScanBounds`); data is read in chunks of
+    `SCAN_CHUNK`, never a whole array or table (a CSV is read once in blocks).
+    """
     path = Path(path)
     fmt = file_format(path)
-    with _file_errors(path, fmt), _open(path, fmt, max_bytes) as source:
-        fields = {name: _field_info(source, name, with_classes=True) for name in source.names()}
+    bounds = bounds or ScanBounds()
+    with _file_errors(path, fmt), _open(path, fmt, max_bytes, bounds) as source:
+        names = source.names()
+        if fmt != "npz" and len(names) > bounds.max_columns:
+            what = "record fields" if fmt == "npy" else "columns"
+            raise DataError(
+                f"{path.name}: has {len(names):,} {what}, over the limit of {bounds.max_columns:,}"
+            )
+        layouts = {name: source.layout(name) for name in names}
+        classes = _count_classes(source, layouts, bounds.max_scan_bytes)
         rows = source.rows()
+    fields = {
+        name: FieldInfo(shape, dtype, classes.get(name)) for name, (shape, dtype) in layouts.items()
+    }
     if not fields:
         raise DataError(f"{path.name}: holds no arrays or columns")
     if rows == 0:
@@ -116,6 +164,63 @@ def _num_classes(values: np.ndarray) -> int | None:
     if values.size == 0 or values.min() < 0:
         return None
     return int(values.max()) + 1
+
+
+def _count_classes(
+    source: _Scannable, layouts: dict[str, tuple[tuple[int, ...], str]], budget: int
+) -> dict[str, int | None]:
+    """max + 1 of each integer field whose data fits in what is left of `budget`.
+
+    Smallest first: labels are usually the smallest integer field, and a big uint8
+    image array must not use the budget up before them.
+    """
+    ints = [name for name, (_, dtype) in layouts.items() if dtype.startswith(("int", "uint"))]
+    costs = {name: source.scan_cost(name) for name in ints}
+    classes: dict[str, int | None] = {}
+    for name in sorted(ints, key=costs.__getitem__):
+        cost = costs[name]
+        if cost > budget:
+            break
+        budget -= cost
+        # A bad column the spec may never use must not fail the description; its
+        # problem is reported when a spec loads it.
+        with contextlib.suppress(DataError):
+            classes[name] = _classes_of(source.int_range(name))
+    return classes
+
+
+def _classes_of(span: tuple[int, int] | None) -> int | None:
+    if span is None or span[0] < 0:
+        return None
+    return span[1] + 1
+
+
+def _widen(span: tuple[int, int] | None, lo: int, hi: int) -> tuple[int, int]:
+    return (lo, hi) if span is None else (min(span[0], lo), max(span[1], hi))
+
+
+class _ShortData(ValueError):
+    """Array data that ends before its header's shape says it should."""
+
+
+def _stream_range(
+    fp: Any, dtype: np.dtype, nbytes: int, field: str | None = None
+) -> tuple[int, int] | None:
+    """Lowest and highest value of `nbytes` of raw array data read from `fp` in chunks."""
+    step = max(1, SCAN_CHUNK // dtype.itemsize) * dtype.itemsize
+    span: tuple[int, int] | None = None
+    left = nbytes
+    while left:
+        chunk = fp.read(min(step, left))
+        if not chunk or len(chunk) % dtype.itemsize:
+            raise _ShortData("data is shorter than its header says")
+        left -= len(chunk)
+        values = np.frombuffer(chunk, dtype=dtype)
+        if field is not None:
+            values = values[field]
+        if values.size:
+            span = _widen(span, int(values.min()), int(values.max()))
+    return span
 
 
 # ------------------------------------------------------------- resolving
@@ -415,20 +520,38 @@ class _Source(Protocol):
     def read(self, name: str) -> np.ndarray: ...
 
 
+class _Scannable(Protocol):
+    """A source `describe` can use: it counts classes without holding a field's data."""
+
+    def names(self) -> list[str]: ...
+    def rows(self) -> int | None: ...
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]: ...
+    def scan_cost(self, name: str) -> int: ...
+    def int_range(self, name: str) -> tuple[int, int] | None: ...
+
+
 @contextlib.contextmanager
-def _open(path: Path, fmt: str, max_bytes: int) -> Iterator[_Source]:
+def _open(path: Path, fmt: str, max_bytes: int, bounds: ScanBounds | None = None) -> Iterator[Any]:
+    """A source of the file; with `bounds` (describing), one that reads nothing whole."""
     if not path.is_file():
         raise DataError(f"{path.name}: no such file")
     if path.stat().st_size == 0:
         raise DataError(f"{path.name}: file is empty")
     if fmt == "npz":
+        if bounds is not None:
+            _check_zip_index(path, bounds.max_members)
         with zipfile.ZipFile(path) as archive:
             yield _NpzSource(path, archive, max_bytes)
     elif fmt == "npy":
         yield _NpySource(path, max_bytes)
     elif fmt == "csv":
-        yield _TableSource(path, _read_csv(path, max_bytes), "csv")
+        if bounds is not None:
+            yield _CsvScan(path, max_bytes, bounds.max_columns)
+        else:
+            yield _TableSource(path, _read_csv(path, max_bytes), "csv")
     else:
+        if bounds is not None:
+            _check_parquet_footer(path)
         with pq.ParquetFile(path) as file:
             yield _ParquetSource(path, file, max_bytes)
 
@@ -530,6 +653,65 @@ class _NpzSource:
             raise ValueError(f"member {header.member} does not match its header")
         return values
 
+    def scan_cost(self, name: str) -> int:
+        return self.headers[name].nbytes
+
+    def int_range(self, name: str) -> tuple[int, int] | None:
+        header = self.headers[name]
+        with self.archive.open(header.member) as fp:
+            _read_header(self.path, fp)  # the data follows it
+            try:
+                return _stream_range(fp, header.dtype, header.nbytes)
+            except _ShortData:
+                raise ValueError(f"member {header.member} does not match its header") from None
+
+
+def _check_zip_index(path: Path, max_members: int) -> None:
+    """Refuse an NPZ with too many members from its end record, before zipfile reads the index.
+
+    zipfile makes an object per member as it opens an archive (400,000 members: seconds
+    and ~250 MB). It reads the index by its size in bytes, not by the count the end
+    record claims, so the size is capped too.
+    """
+    size = path.stat().st_size
+    tail_at = max(0, size - zipfile.sizeEndCentDir - 0xFFFF)  # the end record, then a comment
+    with path.open("rb") as fp:
+        fp.seek(tail_at)
+        tail = fp.read()
+        at = tail.rfind(zipfile.stringEndArchive)
+        if at < 0 or len(tail) - at < zipfile.sizeEndCentDir:
+            return  # not a zip file: zipfile says so
+        record = struct.unpack(zipfile.structEndArchive, tail[at : at + zipfile.sizeEndCentDir])
+        members, index_bytes = record[4], record[5]
+        if members == 0xFFFF or index_bytes == 0xFFFFFFFF:
+            # zip64: the real numbers are in a second end record, found by a locator
+            locator_at = tail_at + at - zipfile.sizeEndCentDir64Locator
+            if locator_at >= 0:
+                fp.seek(locator_at)
+                locator = fp.read(zipfile.sizeEndCentDir64Locator)
+                signature, _, record_at, _ = struct.unpack(
+                    zipfile.structEndArchive64Locator, locator
+                )
+                if signature == zipfile.stringEndArchive64Locator:
+                    fp.seek(record_at)
+                    raw = fp.read(zipfile.sizeEndCentDir64)
+                    if (
+                        raw[:4] == zipfile.stringEndArchive64
+                        and len(raw) == zipfile.sizeEndCentDir64
+                    ):
+                        record64 = struct.unpack(zipfile.structEndArchive64, raw)
+                        members, index_bytes = record64[7], record64[8]
+    if members > max_members:
+        raise DataError(
+            f"{path.name}: holds {members:,} members, over the limit of {max_members:,}"
+        )
+    index_limit = max_members * ZIP_INDEX_BYTES_PER_MEMBER
+    if index_bytes > index_limit:
+        raise DataError(
+            f"{path.name}: its zip index is {index_bytes:,} bytes, over the limit of "
+            f"{index_limit:,} bytes ({ZIP_INDEX_BYTES_PER_MEMBER} a member)"
+        )
+
 
 class _NpySource:
     """A plain array is the field "array"; a structured array gives one field per name."""
@@ -545,6 +727,7 @@ class _NpySource:
             raise _too_big(path, self.header.nbytes, max_bytes, "array holds")
         if path.stat().st_size < data_start + self.header.nbytes:
             raise ValueError("file is truncated")
+        self.data_start = data_start
         self._values: np.ndarray | None = None
 
     def names(self) -> list[str]:
@@ -566,6 +749,15 @@ class _NpySource:
         if self.header.dtype.names is None:
             return self._values
         return self._values[name]
+
+    def scan_cost(self, name: str) -> int:
+        return self.header.nbytes  # a record field is read with its whole records
+
+    def int_range(self, name: str) -> tuple[int, int] | None:
+        field = None if self.header.dtype.names is None else name
+        with self.path.open("rb") as fp:
+            fp.seek(self.data_start)
+            return _stream_range(fp, self.header.dtype, self.header.nbytes, field)
 
 
 # ------------------------------------------------------- CSV / Parquet
@@ -592,6 +784,142 @@ def _read_csv(path: Path, max_bytes: int) -> pa.Table:
             raise DataError(f"{path.name}: column '{name}' appears more than once in the header")
         seen.add(name)
     return table.rename_columns(names)
+
+
+def _csv_header(path: Path, max_columns: int) -> list[str]:
+    """The header's column names, from at most a bounded prefix of the file.
+
+    Read before pyarrow sees the file: a header of 238,000 columns took pyarrow 15 s
+    or more; it is refused here from its first line.
+    """
+    limit = 64 * 1024 + HEADER_BYTES_PER_COLUMN * max_columns
+    with path.open("rb") as fp:
+        head = fp.read(limit + 1)
+    end, quotes, start = -1, 0, 0
+    while (newline := head.find(b"\n", start)) >= 0:
+        quotes += head.count(b'"', start, newline)
+        start = newline + 1
+        if quotes % 2 == 0:  # not inside a quoted name
+            end = newline
+            break
+    if end < 0:
+        if len(head) > limit:
+            raise DataError(
+                f"{path.name}: the header line is longer than {limit:,} bytes "
+                f"(room for {max_columns:,} columns)"
+            )
+        end = len(head)
+    text = head[:end].decode("utf-8").removeprefix("\ufeff")
+    names = next(csv.reader(io.StringIO(text, newline="")), [])
+    if len(names) > max_columns:
+        raise DataError(
+            f"{path.name}: the header has {len(names):,} columns, over the limit of {max_columns:,}"
+        )
+    names = [name.strip() for name in names]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{path.name}: column '{name}' appears more than once in the header")
+        seen.add(name)
+    return names
+
+
+class _CsvScan:
+    """A CSV read once, block by block: names, types, rows and integer ranges.
+
+    Never the whole table: pyarrow's streaming reader would fix each column's type
+    from the first block, so columns are read as text and typed here block by block,
+    widening as pyarrow's whole-file inference (what a job's read uses) does: an
+    integer column that shows a 0.5 later is float64, a number column that shows a
+    word is text.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, max_columns: int):
+        self.path = path
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise _too_big(path, size, max_bytes, "file is")
+        self.columns = _csv_header(path, max_columns)
+        self.kinds = [_ColumnKind() for _ in self.columns]
+        self.count = 0
+        keys = [str(i) for i in range(len(self.columns))]  # the header is parsed above
+        try:
+            reader = pa_csv.open_csv(
+                path,
+                read_options=pa_csv.ReadOptions(
+                    skip_rows=1, column_names=keys, block_size=CSV_BLOCK, use_threads=True
+                ),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types=dict.fromkeys(keys, pa.string()), strings_can_be_null=True
+                ),
+            )
+            for batch in reader:
+                self.count += batch.num_rows
+                for kind, column in zip(self.kinds, batch.columns, strict=True):
+                    kind.update(column)
+        except pa.ArrowInvalid:
+            ragged = _ragged_line(path)
+            if ragged:
+                raise DataError(f"{path.name}: {ragged}") from None
+            raise
+
+    def names(self) -> list[str]:
+        return list(self.columns)
+
+    def rows(self) -> int | None:
+        return self.count
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        return _arrow_layout(self.kinds[self.columns.index(name)].type)
+
+    def scan_cost(self, name: str) -> int:
+        return 0  # counted while the file was read
+
+    def int_range(self, name: str) -> tuple[int, int] | None:
+        kind = self.kinds[self.columns.index(name)]
+        return None if kind.has_nulls else kind.span
+
+
+class _ColumnKind:
+    """The type of one CSV column so far, as pyarrow's inference would find it."""
+
+    ORDER = (pa.int64(), pa.bool_(), pa.float64())
+
+    def __init__(self) -> None:
+        self.type: pa.DataType = pa.null()  # no value seen yet
+        self.rank = 0
+        self.span: tuple[int, int] | None = None
+        self.has_nulls = False
+
+    def update(self, column: pa.Array) -> None:
+        if column.null_count:
+            self.has_nulls = True
+        if column.null_count == len(column) or self.type == pa.string():
+            return
+        while self.rank < len(self.ORDER):
+            candidate = self.ORDER[self.rank]
+            values = _cast_or_none(column, candidate)
+            if values is not None:
+                self.type = candidate
+                if candidate == pa.int64():
+                    low_high = pc.min_max(values)
+                    if low_high["min"].is_valid:
+                        span = (low_high["min"].as_py(), low_high["max"].as_py())
+                        self.span = _widen(self.span, *span)
+                return
+            self.rank += 1
+        self.type = pa.string()
+
+
+def _cast_or_none(column: pa.Array, dtype: pa.DataType) -> pa.Array | None:
+    try:
+        return pc.cast(column, dtype)
+    except pa.ArrowInvalid:
+        pass
+    try:  # pyarrow's CSV reader trims spaces and tabs around numbers; a cast does not
+        return pc.cast(pc.utf8_trim(column, " \t"), dtype)
+    except pa.ArrowInvalid:
+        return None
 
 
 def _ragged_line(path: Path) -> str | None:
@@ -652,6 +980,50 @@ class _ParquetSource:
     def read(self, name: str) -> np.ndarray:
         column = self.file.read(columns=[name]).column(0)
         return _column_values(self.path, self.fmt, name, column)
+
+    def scan_cost(self, name: str) -> int:
+        meta = self.file.metadata
+        leaves = [
+            i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == name
+        ]
+        return sum(
+            meta.row_group(g).column(i).total_uncompressed_size
+            for g in range(meta.num_row_groups)
+            for i in leaves
+        )
+
+    def int_range(self, name: str) -> tuple[int, int] | None:
+        span: tuple[int, int] | None = None
+        for batch in self.file.iter_batches(
+            batch_size=SCAN_ROWS, columns=[name], use_threads=False
+        ):
+            values: Any = batch.column(0)
+            while pa.types.is_fixed_size_list(values.type):
+                if values.null_count:
+                    return None
+                values = values.flatten()
+            if values.null_count:
+                return None  # a missing value: reported when a job reads the column
+            low_high = pc.min_max(values)
+            if low_high["min"].is_valid:
+                span = _widen(span, low_high["min"].as_py(), low_high["max"].as_py())
+        return span
+
+
+def _check_parquet_footer(path: Path) -> None:
+    """pyarrow parses a Parquet footer (schema, row-group index) whole: cap it first."""
+    size = path.stat().st_size
+    with path.open("rb") as fp:
+        fp.seek(max(0, size - 8))
+        tail = fp.read(8)
+    if len(tail) == 8 and tail[4:] == b"PAR1":
+        footer = struct.unpack("<I", tail[:4])[0]
+        # one longer than the file is no footer at all: pyarrow says the file is not valid
+        if MAX_PARQUET_FOOTER < footer <= size - 12:
+            raise DataError(
+                f"{path.name}: its footer (schema and index) is {footer:,} bytes, "
+                f"over the limit of {MAX_PARQUET_FOOTER:,} bytes"
+            )
 
 
 def _arrow_layout(dtype: pa.DataType) -> tuple[tuple[int, ...], str]:

@@ -2,35 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Any
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, Request, Response
 
 from app.api.deps import ArtifactsDep, CurrentUser, SessionDep, SessionsDep, SettingsDep, UserAuth
 from app.api.schemas import DatasetOut
 from app.store import datasets
 from app.uploads import delete_dataset, upload_dataset
 
+# The body is streamed by the route itself (app/upload_stream.py), so it is described here.
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".npz, .npy, .csv or .parquet",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[UserAuth])
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
-def upload(
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD_BODY)
+async def upload(
+    request: Request,
     user: CurrentUser,
     sessions: SessionsDep,
     artifacts: ArtifactsDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, File(description=".npz, .npy, .csv or .parquet")],
 ) -> DatasetOut:
-    dataset = upload_dataset(
-        sessions,
-        artifacts,
-        user_id=user.id,
-        filename=file.filename,
-        source=file.file,
-        max_bytes=settings.max_upload_bytes,
-        max_unpacked_bytes=settings.max_unpacked_bytes,
-    )
+    """Upload a dataset file (the `file` part of a multipart body), described on arrival."""
+    dataset = await upload_dataset(sessions, artifacts, settings, user_id=user.id, request=request)
     return DatasetOut.of(dataset)
 
 

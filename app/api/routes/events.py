@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import authenticate, read_models
@@ -17,6 +18,33 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "id, event, data per event"}}
 # no-cache: every watcher reads live; X-Accel-Buffering: nginx must not hold events back
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def resume_after(last_event_id: str | None) -> int | None:
+    """The event id a `Last-Event-ID` header names; None when absent or empty.
+
+    Our ids are decimal integers; anything else (a sign, a word, non-ASCII digits
+    such as "١٢") is a 422 at `header.Last-Event-ID`. An empty value is no id, as in
+    the SSE spec. No event id is larger than the column holds, so a larger one (of
+    any length: it is never handed to int()) means "after all of them".
+    """
+    if not last_event_id:
+        return None
+    if not (last_event_id.isascii() and last_event_id.isdigit()):
+        shown = last_event_id if len(last_event_id) <= 40 else last_event_id[:40] + "..."
+        raise RequestValidationError(
+            [
+                {
+                    "type": "int_parsing",
+                    "loc": ("header", "Last-Event-ID"),
+                    "msg": f"an event id is a number of digits 0-9, found {shown!r}",
+                }
+            ]
+        )
+    digits = last_event_id.lstrip("0")
+    if len(digits) > len(str(MAX_INT64)):
+        return MAX_INT64
+    return min(int(digits or "0"), MAX_INT64)
 
 
 @router.get(
@@ -44,10 +72,8 @@ async def job_events(
     # missing, or another user's: the same answer
     if await reads.jobs.get(job_id, user.id) is None:
         raise NotFound(f"no job {job_id!r}")
-    if not after and last_event_id and last_event_id.isdigit():
-        # no event id is larger than the column holds: a larger one means "after all of them"
-        after = min(int(last_event_id), MAX_INT64)
-    start = after or 0
+    resume = resume_after(last_event_id)
+    start = after or resume or 0
     return StreamingResponse(
         sse_frames(reads.events, job_id, start),
         media_type="text/event-stream",
