@@ -36,7 +36,7 @@ def evaluate(spec_doc: dict, resolve, weights: Path) -> dict[str, float]:
     from worker.engine.build import build_model
 
     spec = parse_spec(spec_doc)
-    data, _ = prepare(spec, resolve)
+    data = prepare(spec, resolve)
     model = build_model(spec, data.inputs, data.targets, device="cpu").module
     model.load_state_dict(load_file(str(weights)))
     model.eval()
