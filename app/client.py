@@ -17,6 +17,8 @@ GIVE_UP_S = 60.0  # an event stream down this long (no event received) is lost
 # much longer is on a connection that died without a word (a host gone, a NAT reset).
 READ_TIMEOUT_S = 60.0
 
+from worker.engine.files import atomic_path
+
 
 class ApiError(Exception):
     """An API answer a person should read: the status and the server's detail."""
@@ -99,21 +101,19 @@ class ApiClient:
 
     def download(self, job_id: str, out: Path, fmt: str | None = None) -> Path:
         params = {"format": fmt} if fmt else {}
-        tmp = out.with_name(f".{out.name}.part")
-        try:
-            with self.http.stream(
-                "GET", f"/jobs/{job_id}/checkpoints/best", params=params, timeout=600
-            ) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _check(response)
-                with tmp.open("wb") as handle:
-                    for chunk in response.iter_bytes(1 << 20):
-                        handle.write(chunk)
-        except httpx.HTTPError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ApiError(0, f"cannot reach {self.url}: {exc}") from None
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            try:
+                with self.http.stream(
+                    "GET", f"/jobs/{job_id}/checkpoints/best", params=params, timeout=600
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _check(response)
+                    with tmp.open("wb") as handle:
+                        for chunk in response.iter_bytes(1 << 20):
+                            handle.write(chunk)
+            except httpx.HTTPError as exc:
+                raise ApiError(0, f"cannot reach {self.url}: {exc}") from None
         return out
 
     def events(

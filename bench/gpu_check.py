@@ -43,7 +43,7 @@ def placement_check(doc: dict) -> str:
     from worker.engine.train import Trainer
 
     spec = parse_spec(doc)
-    data, _ = prepare(spec, lambda ref: Path(ref))
+    data = prepare(spec, lambda ref: Path(ref))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(spec, data, Path(tmp))
         devices = {p.device.type for p in trainer.model.parameters()}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from worker.engine.files import atomic_path
 
 
 class StaleAttempt(Exception):
@@ -118,27 +119,24 @@ class WorkerClient:
     def download(self, url: str, dest: Path, sha256: str | None = None) -> Path:
         """Stream a file to `dest` through a temp name; check its sha256 when given."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         digest = hashlib.sha256()
-        try:
-            with self.http.stream("GET", url) as response:
-                if response.status_code == 404:
-                    raise FileNotFoundError(url)
-                if response.status_code == 409:
-                    raise StaleAttempt(url)
-                if response.status_code >= 400:
-                    raise ApiUnavailable(f"GET {url}: HTTP {response.status_code}")
-                with tmp.open("wb") as out:
-                    for chunk in response.iter_bytes(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-        except httpx.HTTPError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ApiUnavailable(f"GET {url}: {exc}") from None
-        if sha256 and digest.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"download of {url} does not match its sha256")
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            try:
+                with self.http.stream("GET", url) as response:
+                    if response.status_code == 404:
+                        raise FileNotFoundError(url)
+                    if response.status_code == 409:
+                        raise StaleAttempt(url)
+                    if response.status_code >= 400:
+                        raise ApiUnavailable(f"GET {url}: HTTP {response.status_code}")
+                    with tmp.open("wb") as out:
+                        for chunk in response.iter_bytes(1 << 20):
+                            digest.update(chunk)
+                            out.write(chunk)
+            except httpx.HTTPError as exc:
+                raise ApiUnavailable(f"GET {url}: {exc}") from None
+            if sha256 and digest.hexdigest() != sha256:
+                raise RuntimeError(f"download of {url} does not match its sha256")
         return dest
 
 

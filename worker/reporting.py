@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from worker.client import ApiUnavailable, StaleAttempt, WorkerClient
-from worker.engine.callbacks import Callback, CheckpointInfo, MetricPoint
+from worker.engine.callbacks import Callback, CheckpointInfo, MetricPoint, TrainerView
+from worker.engine.files import atomic_write_text
 
 log = logging.getLogger("torchyard.worker")
 
@@ -66,9 +67,6 @@ class QueueReporter:
         }
         self.outbox.put(("checkpoint", {**meta, "path": str(snapshot)}))
 
-    def log_line(self, text: str) -> None:
-        self.outbox.put(("log", [text]))
-
     def cancel_requested(self) -> bool:
         return self.cancel.is_set()
 
@@ -81,7 +79,7 @@ class ProgressToQueue(Callback):
     def __init__(self, outbox: Any):
         self.outbox = outbox
 
-    def _progress(self, trainer: Any) -> None:
+    def _progress(self, trainer: TrainerView) -> None:
         self.outbox.put(
             (
                 "progress",
@@ -94,13 +92,13 @@ class ProgressToQueue(Callback):
             )
         )
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         self._progress(trainer)
 
-    def on_log(self, trainer: Any, points: list[MetricPoint]) -> None:
+    def on_log(self, trainer: TrainerView, points: list[MetricPoint]) -> None:
         self._progress(trainer)
 
-    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, float]) -> None:
         self._progress(trainer)
         shown = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items())
         # Epochs count from 0 everywhere (metrics, checkpoints, best epoch), as in Lightning.
@@ -185,9 +183,7 @@ class Uploader:
         for index, (kind, body) in enumerate(self.pending):
             if kind == "metrics":
                 path = self.spill_dir / f"{next(self._spills):08d}.json"
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(body))
-                os.replace(tmp, path)
+                atomic_write_text(path, json.dumps(body))
                 self.pending[index] = ("spilled", str(path))
                 self.points_in_memory -= len(body)
 

@@ -162,8 +162,6 @@ def train(
         resume=resume,
         max_params=_max_params(),
     )
-    for cb in callbacks:
-        cb.close()
     _print_result(result, out)
     if result.status == "failed":
         raise typer.Exit(1)
@@ -254,5 +252,5 @@ class _ProgressBar(Callback):
         text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
         self.progress.console.print(f"epoch {epoch}: {text}", highlight=False)
 
-    def close(self) -> None:
+    def on_fit_end(self, trainer: Any) -> None:
         self.progress.stop()

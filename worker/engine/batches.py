@@ -6,15 +6,13 @@ sees the same batches with no saved sampler state.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import psutil
 import torch
 from torch import Tensor
 
@@ -236,16 +234,5 @@ def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free // 4
-    return _available_ram() // 4
-
-
-def _available_ram() -> int:
-    # MemAvailable counts reclaimable page cache; sysconf's free pages do not.
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
+    # `available` counts reclaimable page cache (Linux's MemAvailable); free pages do not.
+    return int(psutil.virtual_memory().available) // 4

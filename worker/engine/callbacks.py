@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-if TYPE_CHECKING:
-    from worker.engine.train import Trainer
+from worker.engine.files import atomic_path, atomic_write_text
+from worker.engine.spec import JobSpec
 
 Mode = Literal["min", "max"]
 
@@ -122,7 +122,6 @@ class Reporter(Protocol):
 
     def log_metrics(self, points: list[MetricPoint]) -> None: ...
     def log_checkpoint(self, info: CheckpointInfo) -> None: ...
-    def log_line(self, text: str) -> None: ...
     def cancel_requested(self) -> bool: ...
 
 
@@ -131,9 +130,6 @@ class NullReporter:
         pass
 
     def log_checkpoint(self, info: CheckpointInfo) -> None:
-        pass
-
-    def log_line(self, text: str) -> None:
         pass
 
     def cancel_requested(self) -> bool:
@@ -170,44 +166,81 @@ class FileReporter(NullReporter):
                 handle.write(json.dumps(asdict(point)) + "\n")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_weights(
     module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Weights as safetensors, written to a temp name then renamed (never a half file)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 # ------------------------------------------------------------------ callbacks
 
 
-class Callback:
-    """Hooks the trainer calls; all are no-ops by default."""
+class TrainerView(Protocol):
+    """What a callback may touch of the trainer (`worker.engine.train.Trainer` has it all).
 
+    A Protocol, not the Trainer class, so this module does not import the loop
+    that imports it.
+    """
+
+    spec: JobSpec
+    model: nn.Module
+    reporter: Reporter
+    epoch: int  # epochs completed
+    step: int  # optimizer steps taken
+    steps_per_epoch: int
+    stopped_early: bool
+
+    def request_stop(self, reason: str, *, early: bool = False) -> None: ...
+    def weights_metadata(self, epoch: int) -> dict[str, str]: ...
+
+
+class Callback:
+    """Hooks the trainer calls; all are no-ops by default.
+
+    Order in `fit()`: `on_fit_start`, then per batch `on_batch_end` (and `on_log`
+    every `log_every_n_steps`), per epoch `on_epoch_end`; if the run raises,
+    `on_exception(trainer, exc)` before the error goes on; `on_fit_end` always
+    comes last, failed or not, so it is where a callback lets go of what it holds
+    (a progress bar, a file).
+    """
+
+    # The key of this callback's state in last.pt files written before `state_key`
+    # (format 1); read only to resume those.
     name = "callback"
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    @property
+    def state_key(self) -> str:
+        """This callback's key in last.pt: unique among a run's callbacks.
+
+        As Lightning's `Callback.state_key`: the class name, plus (for callbacks a
+        run may hold more than one of) the config that tells them apart, via
+        `_generate_state_key(**config)`.
+        """
+        return type(self).__qualname__
+
+    def _generate_state_key(self, **config: Any) -> str:
+        return f"{type(self).__qualname__}{config!r}"
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
         pass
 
-    def on_batch_end(self, trainer: Trainer) -> None:
+    def on_batch_end(self, trainer: TrainerView) -> None:
         """Called every batch: must not sync with the device."""
 
-    def on_log(self, trainer: Trainer, points: list[MetricPoint]) -> None:
+    def on_log(self, trainer: TrainerView, points: list[MetricPoint]) -> None:
         """Called every `log_every_n_steps` with the step metrics just read."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, float]) -> None:
         pass
 
-    def on_fit_end(self, trainer: Trainer) -> None:
-        pass
+    def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
+        """The run raised `exc` (a failed run, or a bug); it propagates after this."""
+
+    def on_fit_end(self, trainer: TrainerView) -> None:
+        """Always the last hook, after a normal end or after `on_exception`."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -250,10 +283,16 @@ class ModelCheckpoint(Callback):
         self.state = _CheckpointState()
 
     @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            monitor=self.monitor, mode=self.mode, every_n_epochs=self.every_n_epochs
+        )
+
+    @property
     def best_path(self) -> Path:
         return self.run_dir / "best.safetensors"
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, float]) -> None:
         if (epoch + 1) % self.every_n_epochs != 0 or self.save_top_k == 0:
             return
         value = metrics[self.monitor]
@@ -314,7 +353,11 @@ class EarlyStopping(Callback):
         self.state = EarlyStopState()
         self.best_weights: dict[str, torch.Tensor] | None = None
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, float]) -> None:
         self.state, stop, reason = early_stopping_decision(
             self.state,
             metrics[self.monitor],
@@ -332,7 +375,7 @@ class EarlyStopping(Callback):
         if stop:
             trainer.request_stop(reason, early=True)
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerView) -> None:
         if self.restore_best_weights and self.best_weights is not None and trainer.stopped_early:
             trainer.model.load_state_dict(self.best_weights)
 
@@ -359,13 +402,13 @@ class ProgressTimer(Callback):
         self.started = time.monotonic()
         self.elapsed_before = 0.0
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         self.started = time.monotonic()
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
 
-    def on_batch_end(self, trainer: Trainer) -> None:
+    def on_batch_end(self, trainer: TrainerView) -> None:
         if self.max_time_s is not None and self.elapsed() >= self.max_time_s:
             trainer.request_stop(f"max_time_s {self.max_time_s:g} reached")
 

@@ -6,7 +6,6 @@ PyTorch model on a sample batch before the file is kept.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from worker.engine.build import build_model
 from worker.engine.errors import SpecError
 from worker.engine.fields import FieldInfo
+from worker.engine.files import atomic_path
 from worker.engine.spec import JobSpec
 
 ExportFormat = Literal["pt2", "onnx"]
@@ -79,32 +79,31 @@ def export_model(
     dynamic = {"inputs": tuple({0: batch} for _ in args)}
     with torch.no_grad():
         expected = _flatten(model(*args))
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # torch.export wants the .pt2 suffix
-    try:
-        if fmt == "pt2":
-            program = torch.export.export(model, args, dynamic_shapes=dynamic)
-            torch.export.save(program, str(tmp))
-            got = _flatten(torch.export.load(str(tmp)).module()(*args))
-        else:
-            got = _export_onnx(model, args, dynamic, tmp)
-    except SpecError:
-        raise
-    except ImportError as exc:
-        raise ExportError(
-            f"ONNX export needs the 'onnx' extra: pip install 'torchyard[onnx]' ({exc})"
-        ) from None
-    except Exception as exc:  # torch.export raises many types; the user needs one line
-        tmp.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()
-        raise ExportError(
-            f"{fmt} export failed: {first[0] if first else type(exc).__name__}"
-        ) from None
-    for name, (want, have) in enumerate(zip(expected, got, strict=True)):
-        if not torch.allclose(want, have, rtol=1e-4, atol=1e-5):
-            tmp.unlink(missing_ok=True)
-            diff = (want - have).abs().max().item()
-            raise ExportError(f"{fmt} export output {name} differs from PyTorch by {diff:.3g}")
-    os.replace(tmp, out)
+    # The temp file keeps the suffix (torch.export wants .pt2); it only replaces
+    # `out` once its outputs match PyTorch's.
+    with atomic_path(out) as tmp:
+        try:
+            if fmt == "pt2":
+                program = torch.export.export(model, args, dynamic_shapes=dynamic)
+                torch.export.save(program, str(tmp))
+                got = _flatten(torch.export.load(str(tmp)).module()(*args))
+            else:
+                got = _export_onnx(model, args, dynamic, tmp)
+        except SpecError:
+            raise
+        except ImportError as exc:
+            raise ExportError(
+                f"ONNX export needs the 'onnx' extra: pip install 'torchyard[onnx]' ({exc})"
+            ) from None
+        except Exception as exc:  # torch.export raises many types; the user needs one line
+            first = str(exc).strip().splitlines()
+            raise ExportError(
+                f"{fmt} export failed: {first[0] if first else type(exc).__name__}"
+            ) from None
+        for name, (want, have) in enumerate(zip(expected, got, strict=True)):
+            if not torch.allclose(want, have, rtol=1e-4, atol=1e-5):
+                diff = (want - have).abs().max().item()
+                raise ExportError(f"{fmt} export output {name} differs from PyTorch by {diff:.3g}")
     return out
 
 

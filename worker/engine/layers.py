@@ -155,8 +155,6 @@ def _int_list(value: Any) -> list[int]:
     return list(value)
 
 
-INT_LIST = ArgType("list of integers", "a non-empty list of integers", _int_list)
-
 _REQUIRED: Any = object()
 
 

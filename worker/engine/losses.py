@@ -17,7 +17,6 @@ from worker.engine.spec import LossSpec
 
 CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll"})
 BINARY_LOSSES = frozenset({"bce", "bce_with_logits"})
-REGRESSION_LOSSES = frozenset({"mse", "l1", "smooth_l1", "huber"})
 
 # Options of LossSpec and the losses they belong to.
 _OPTION_OWNERS: dict[str, frozenset[str]] = {

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
+from worker.engine.errors import SpecError
 from worker.engine.spec import (
     CosineLRSpec,
     ExponentialLRSpec,
@@ -33,7 +34,7 @@ def make_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter]) -> torch
     """The torch optimizer the spec names, with its arguments; eps unset keeps torch's default."""
     params = list(params)
     if not params:
-        raise ValueError("the model has no parameters to train")
+        raise SpecError.at("model", "the model has no parameters to train")
     eps = {} if spec.eps is None else {"eps": spec.eps}
     common: dict[str, Any] = {"lr": spec.lr, "weight_decay": spec.weight_decay, "foreach": None}
     if spec.type == "sgd":
@@ -204,7 +205,9 @@ def _warmup_cosine(
 ) -> Callable[[int], float]:
     """lr factor at step s: linear from ~0 to 1 over `warmup` steps, cosine to min_lr at `total`."""
     if min_lr > base_lr:
-        raise ValueError(f"scheduler.min_lr {min_lr} is above the optimizer's lr {base_lr}")
+        raise SpecError.at(
+            "training.scheduler.min_lr", f"{min_lr} is above the optimizer's lr {base_lr}"
+        )
     floor = min_lr / base_lr
 
     def factor(step: int) -> float:

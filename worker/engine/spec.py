@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -23,9 +24,6 @@ from pydantic import (
 )
 
 from worker.engine.errors import SpecError, SpecIssue
-
-# Keys of a layer item that are ours, not arguments of the torch.nn class.
-LAYER_RESERVED_KEYS = frozenset({"type", "name", "in", "share", "init"})
 
 MAX_NODES = 10_000
 MAX_NAME_LENGTH = 64
@@ -109,6 +107,11 @@ class DataSpec(Strict):
         description="Hold the dataset as tensors and batch by index (fast) or stream through a "
         "DataLoader. 'auto' holds it when it fits the memory budget.",
     )
+    # The names a single input field and a single target field go by: 'input' and
+    # 'output', unless the model names its one input or output otherwise (set by
+    # JobSpec, which sees the model; see `single_field_names`).
+    _input_name: str = PrivateAttr(default="input")
+    _output_name: str = PrivateAttr(default="output")
 
     @field_validator("inputs", "targets")
     @classmethod
@@ -123,12 +126,14 @@ class DataSpec(Strict):
         return value
 
     def input_fields(self) -> dict[str, str | list[str]]:
-        """Model input name -> dataset field(s). A single field is the input named 'input'."""
-        return _as_named(self.inputs, "input")
+        """Model input name -> dataset field(s). A single field is the model's one input,
+        whatever the graph calls it ('input' by default)."""
+        return _as_named(self.inputs, self._input_name)
 
     def target_fields(self) -> dict[str, str | list[str]]:
-        """Model output name -> dataset field(s). A single field is the output named 'output'."""
-        return _as_named(self.targets, "output")
+        """Model output name -> dataset field(s). A single field is the model's one output,
+        whatever `model.outputs` calls it ('output' by default)."""
+        return _as_named(self.targets, self._output_name)
 
     @property
     def single_input(self) -> bool:
@@ -273,6 +278,31 @@ class ModelSpec(Strict):
         """Output name -> node name ('output' for a single output)."""
         assert self.outputs is not None
         return _as_named(self.outputs, "output")
+
+    def graph_sources(self) -> set[str]:
+        """Names the nodes read that are not nodes: the model inputs (or typos)."""
+        nodes = self.nodes or []
+        names = {node.name for node in nodes}
+        return {source for node in nodes for source in node.inputs if source not in names}
+
+
+def single_field_names(model: ModelSpec) -> tuple[str, str]:
+    """The names of a single input field and a single target field.
+
+    With one field, there is nothing to match by name: it belongs to the model's
+    one input or output whatever that is called. A graph that reads one input
+    named `x` gets the single input field as `x`; `"outputs": {"y": node}` gets
+    the single target as `y`. Otherwise 'input' and 'output', as Sequential
+    models and `"outputs": node` have it.
+    """
+    input_name, output_name = "input", "output"
+    if model.is_graph:
+        sources = model.graph_sources()
+        if len(sources) == 1:
+            input_name = next(iter(sources))
+        if isinstance(model.outputs, dict) and len(model.outputs) == 1:
+            output_name = next(iter(model.outputs))
+    return input_name, output_name
 
 
 # ----------------------------------------------------------------- training
@@ -498,6 +528,11 @@ class JobSpec(Strict):
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_restarts: int = Field(default=3, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _name_single_fields(self) -> JobSpec:
+        self.data._input_name, self.data._output_name = single_field_names(self.model)
+        return self
 
     def dump(self, **kwargs: Any) -> dict[str, Any]:
         """The spec as plain JSON data (defaults filled in).

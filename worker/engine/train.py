@@ -2,8 +2,9 @@
 
 `run_job()` is what both `torchyard train` and the Celery worker call: spec and
 files in, a `RunResult` out, metrics and checkpoints through a `Reporter`. It
-never raises for a bad spec, bad data, NaN or OOM: those end the run `failed`
-with a one-line reason.
+never raises for a bad spec, bad data, a model that fails on that data, NaN or
+out of memory: those end the run `failed` with a one-line reason. Anything else
+is a bug of ours and raises, traceback and all.
 """
 
 from __future__ import annotations
@@ -35,17 +36,21 @@ from worker.engine.callbacks import (
     NullReporter,
     ProgressTimer,
     Reporter,
-    atomic_write_text,
     nan_decision,
 )
 from worker.engine.data import ArrayData, describe, load_arrays, resolve_fields, split_validation
 from worker.engine.errors import DataError, SpecError
+from worker.engine.files import atomic_path, atomic_write_text
 from worker.engine.losses import CombinedLoss, target_dtype, target_shape
 from worker.engine.metrics import MetricAccumulator
 from worker.engine.optim import make_optimizer, make_scheduler
 from worker.engine.spec import JobSpec, SplitSpec, default_mode, default_monitor
 
 Status = Literal["succeeded", "failed", "cancelled"]
+
+# What torch raises when a model does not fit the data it is run on (shapes,
+# dtypes, index ranges, class ids past the output's classes): the user's to fix.
+MODEL_ERRORS = (RuntimeError, ValueError, IndexError)
 
 
 @dataclass
@@ -114,7 +119,7 @@ class PreparedData:
 
 def prepare(
     spec: JobSpec, resolve: Callable[[str], Path], max_params: int | None = None
-) -> tuple[PreparedData, Any]:
+) -> PreparedData:
     """Read the dataset files, build the model on the meta device, load arrays to fit it."""
     train_path = resolve(spec.data.train)
     info = describe(train_path)
@@ -145,7 +150,7 @@ def prepare(
                         f"training data has {fi.shape}"
                     )
         val = load_arrays(val_path, spec.data, **dtypes)
-    return PreparedData(train, val, inputs, targets), built
+    return PreparedData(train, val, inputs, targets)
 
 
 # ------------------------------------------------------------------ trainer
@@ -208,8 +213,10 @@ class Trainer:
             epochs=training.epochs,
             max_steps=training.max_steps,
         )
-        self.scaler = (
-            torch.amp.GradScaler(self.device.type) if training.precision == "16-mixed" else None
+        # Disabled, the scaler passes the loss and the step through unchanged, so
+        # the loop has one path for every precision.
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=training.precision == "16-mixed"
         )
         self.train_metrics = MetricAccumulator(spec, prefix="", device=self.device)
         self.val_metrics = MetricAccumulator(spec, prefix="val_", device=self.device)
@@ -223,6 +230,12 @@ class Trainer:
         self._lr_logged_at = -1
 
         self.callbacks = self._make_callbacks() + list(callbacks or [])
+        keys = [cb.state_key for cb in self.callbacks]
+        if len(set(keys)) != len(keys):
+            twice = sorted({key for key in keys if keys.count(key) > 1})
+            raise ValueError(
+                f"callbacks share a state_key {twice}: give each a state_key of its own"
+            )
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.batch_in_epoch = 0
@@ -278,6 +291,21 @@ class Trainer:
 
     # --------------------------------------------------------------- loop
 
+    @contextlib.contextmanager
+    def _model_errors(self, phase: str) -> Iterator[None]:
+        """The user's model failing on the user's data ends the run with one line.
+
+        Only around the model's forward, loss and backward: an error anywhere
+        else in the loop is ours, and keeps its traceback."""
+        try:
+            yield
+        except MODEL_ERRORS as exc:
+            if is_out_of_memory(exc):
+                raise
+            raise RunFailed(
+                f"{phase} failed at epoch {self.epoch}, step {self.step}: {one_line(exc)}"
+            ) from exc
+
     def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.forward_model(*[inputs[name] for name in self.input_names])
         return {self.output_names[0]: out} if self.single_output else out
@@ -287,30 +315,24 @@ class Trainer:
         self.train_metrics.reset()
         n_batches = len(self.train_batches)
         for i, (inputs, targets) in enumerate(self.train_batches.epoch(epoch)):
-            with self.autocast():
-                outputs = self._forward(inputs)
-                loss, per_output = self.loss_fn(outputs, targets)
-            # Dividing by the window size makes accumulated gradients the mean
-            # over the window, as one big batch would give.
-            scaled = loss / self.accumulate if self.accumulate > 1 else loss
-            if self.scaler is not None:
+            with self._model_errors("training"):
+                with self.autocast():
+                    outputs = self._forward(inputs)
+                    loss, per_output = self.loss_fn(outputs, targets)
+                # Dividing by the window size makes accumulated gradients the mean
+                # over the window, as one big batch would give.
+                scaled = loss / self.accumulate if self.accumulate > 1 else loss
                 self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
 
             end_of_window = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
             if end_of_window:
                 if self.spec.training.grad_clip_norm is not None:
-                    if self.scaler is not None:
-                        self.scaler.unscale_(self.optimizer)  # clip true, not scaled, gradients
+                    self.scaler.unscale_(self.optimizer)  # clip true, not scaled, gradients
                     nn.utils.clip_grad_norm_(
                         self.model.parameters(), self.spec.training.grad_clip_norm
                     )
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step_batch()
                 self.step += 1
@@ -369,7 +391,7 @@ class Trainer:
         self.model.eval()
         self.val_metrics.reset()
         for inputs, targets in self.val_batches.epoch(epoch):
-            with self.autocast():
+            with self._model_errors("validation"), self.autocast():
                 outputs = self._forward(inputs)
                 loss, per_output = self.loss_fn(outputs, targets)
             batch_size = next(iter(targets.values())).shape[0]
@@ -379,10 +401,24 @@ class Trainer:
     def fit(self, *, resume_from: Path | None = None) -> RunResult:
         started = time.monotonic()
         seed_everything(self.spec.seed)
-        if resume_from is not None:
-            self.load_state(resume_from)
-        for cb in self.callbacks:
-            cb.on_fit_start(self)
+        with contextlib.ExitStack() as teardown:
+            # on_fit_end runs for every callback, in order, however fit() ends; an
+            # error in one still lets the others run (ExitStack chains the errors).
+            for cb in reversed(self.callbacks):
+                teardown.callback(cb.on_fit_end, self)
+            try:
+                if resume_from is not None:
+                    self.load_state(resume_from)
+                for cb in self.callbacks:
+                    cb.on_fit_start(self)
+                self._fit_epochs()
+            except BaseException as exc:
+                for cb in self.callbacks:
+                    cb.on_exception(self, exc)
+                raise
+        return self._result(started)
+
+    def _fit_epochs(self) -> None:
         epochs = self.spec.training.epochs
         while self.epoch < epochs and not self._stop:
             epoch = self.epoch
@@ -414,9 +450,6 @@ class Trainer:
             self._save_last(epoch)
             if self.reporter.cancel_requested():
                 self.request_stop("cancelled")
-        for cb in self.callbacks:
-            cb.on_fit_end(self)
-        return self._result(started)
 
     def _check_finite_epoch(self, metrics: dict[str, float]) -> None:
         if not self.spec.callbacks.terminate_on_nan:
@@ -456,32 +489,27 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue as if never stopped."""
         return {
-            "format": 1,
+            # 2: callbacks keyed by `state_key` (1: by `name`), the scaler always saved.
+            "format": 2,
             "spec_sha256": spec_digest(self.spec),
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "scaler": self.scaler.state_dict(),  # {} when disabled
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
             "rng": rng_state(),
             # The data order is a pure function of (seed, epoch); kept for the record.
             "data_order": {"seed": self.spec.seed, "next_epoch": self.epoch},
         }
 
     def save_state(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
 
     def load_state(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise RunFailed(
-                f"cannot resume: {path.name} is not a readable training state ({exc})"
-            ) from None
+        state = read_state(path)
         if state.get("spec_sha256") != spec_digest(self.spec):
             raise RunFailed(
                 "cannot resume: the spec's seed, data, model or training differ from the checkpoint's"
@@ -489,17 +517,31 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
+        # Empty from a disabled scaler, None in format 1 files without one: both
+        # leave this run's scaler as built (an enabled one refuses an empty state).
+        if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        keyed_by_name = state.get("format", 1) < 2
         for cb in self.callbacks:
-            if cb.name in state["callbacks"]:
-                cb.load_state_dict(state["callbacks"][cb.name])
+            key = cb.name if keyed_by_name else cb.state_key
+            if key in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][key])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._window_first_step = self.step
         set_rng_state(state["rng"])
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A saved training state (`last.pt`), loaded with weights_only: no pickle runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a damaged file
+        raise RunFailed(
+            f"cannot resume: {path.name} is not a readable training state ({one_line(exc)})"
+        ) from None
 
 
 def spec_digest(spec: JobSpec) -> str:
@@ -538,6 +580,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    # torch's CPU allocator raises a plain RuntimeError when memory runs out.
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+    )
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -558,6 +608,10 @@ def run_job(
 ) -> RunResult:
     """Train `spec` into `run_dir`; write `result.json`; never raise for a failed run.
 
+    A failed run (bad spec or data, a model that fails on the data, NaN, out of
+    memory) returns status `failed` with a one-line reason; any other exception
+    is a bug and propagates with its traceback.
+
     `max_params`: the model size limit, for local runs (the service checks its own
     limit when a job is submitted, so its workers pass none)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -565,29 +619,23 @@ def run_job(
     started = time.monotonic()
     trainer: Trainer | None = None
     try:
-        data, _ = prepare(spec, resolve, max_params)
+        data = prepare(spec, resolve, max_params)
         trainer = Trainer(spec, data, run_dir, reporter=reporter, callbacks=callbacks)
         last = run_dir / "last.pt"
         resume_from = last if resume and last.exists() else None
         if resume_from is not None and isinstance(reporter, FileReporter):
-            step = int(torch.load(last, map_location="cpu", weights_only=True)["step"])
-            reporter.truncate_after(step)
+            reporter.truncate_after(int(read_state(last)["step"]))
         result = trainer.fit(resume_from=resume_from)
     except (SpecError, DataError, RunFailed) as exc:
         result = _failed(trainer, started, one_line(exc))
-    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
-        memory = "GPU memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "memory"
-        result = _failed(
-            trainer, started, f"out of {memory}{where} (batch_size {spec.data.batch_size})"
-        )
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
-        where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
-        # torch's CPU allocator raises a plain RuntimeError when memory runs out.
-        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
-            reason = f"out of memory{where} (batch_size {spec.data.batch_size}): {one_line(exc)}"
-        else:
-            reason = f"training failed{where}: {one_line(exc)}"
+        memory = "GPU memory" if isinstance(exc, torch.OutOfMemoryError) else "memory"
+        reason = f"out of {memory}{where} (batch_size {spec.data.batch_size})"
+        if type(exc) is RuntimeError:  # the CPU allocator's message says how much it wanted
+            reason += f": {one_line(exc)}"
         result = _failed(trainer, started, reason)
     atomic_write_text(run_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
     return result

@@ -15,6 +15,7 @@ from rich.console import Console
 from torch import nn
 
 from worker.engine.build import build_model
+from worker.engine.errors import SpecError
 from worker.engine.fields import FieldInfo
 from worker.engine.layers import LAYERS, MERGE_OPS, layer_schema, resolve_type
 from worker.engine.spec import job_schema, parse_spec
@@ -388,6 +389,41 @@ def test_multi_output_model_returns_a_dict():
     trunk = ref["trunk"](x)
     assert torch.allclose(out["label"], ref["cls"](trunk))
     assert torch.allclose(out["value"], ref["reg"](trunk))
+
+
+def test_one_output_of_any_name_takes_the_one_target_and_input():
+    # One target field and one output: nothing to match by name, whatever they are called.
+    spec = graph(
+        [
+            {"name": "trunk", "type": "linear", "in": "pixels", "out_features": 8},
+            {"name": "head", "type": "linear", "in": "trunk", "out_features": 4},
+        ],
+        {"digit": "head"},
+        inputs="x",
+        targets="y",
+        loss="cross_entropy",
+    )
+    assert spec.data.input_fields() == {"pixels": "x"}
+    assert spec.data.target_fields() == {"digit": "y"}
+    targets = {"digit": FieldInfo((), "int64", 4)}
+    built = build_model(spec, {"pixels": floats(5)}, targets, device="cpu")
+    assert built.module.input_names == ["pixels"]
+    assert built.module.output_names == ["digit"]
+    assert built.output_shapes == {"digit": (4,)}
+    assert built.module(torch.randn(3, 5)).shape == (3, 4)
+
+
+def test_one_target_still_refuses_two_outputs():
+    spec = graph(
+        [
+            {"name": "a", "type": "linear", "in": "input", "out_features": 1},
+            {"name": "b", "type": "linear", "in": "input", "out_features": 1},
+        ],
+        {"first": "a", "second": "b"},
+    )
+    with pytest.raises(SpecError) as caught:
+        build_model(spec, {"input": floats(5)}, {"output": floats(1)}, device="meta")
+    assert "output 'first' has no target in data.targets (targets: output)" in str(caught.value)
 
 
 def shared_spec():

@@ -36,7 +36,7 @@ def evaluate(spec_doc: dict, resolve, weights: Path) -> dict[str, float]:
     from worker.engine.build import build_model
 
     spec = parse_spec(spec_doc)
-    data, _ = prepare(spec, resolve)
+    data = prepare(spec, resolve)
     model = build_model(spec, data.inputs, data.targets, device="cpu").module
     model.load_state_dict(load_file(str(weights)))
     model.eval()
@@ -121,6 +121,44 @@ def test_multi_output_graph_reports_per_output_metrics(load_example, tmp_path):
     assert epoch["val_loss"] == pytest.approx(
         epoch["val_digit_loss"] + 0.5 * epoch["val_ink_loss"], rel=1e-4
     )
+
+
+def test_one_output_graph_of_any_names_trains_with_single_output_metrics(load_example, tmp_path):
+    doc, resolve = load_example("digits_cnn.json")
+    doc = small_digits(doc, epochs=2)
+    doc["model"] = {
+        "nodes": [
+            {"name": "flat", "type": "flatten", "in": "pixels"},
+            {"name": "head", "type": "linear", "out_features": 10, "in": "flat"},
+        ],
+        "outputs": {"digit": "head"},
+    }
+    doc["training"]["metrics"] = ["accuracy"]
+    spec = parse_spec(doc)
+    assert (spec.input_names, spec.output_names) == (["pixels"], ["digit"])
+    result = run_job(spec, tmp_path, resolve=resolve)
+    assert result.status == "succeeded", result.error
+    names = set(metrics_by_name(tmp_path))
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= names
+    assert not any(name.startswith(("digit_", "val_digit_")) for name in names)
+    assert result.monitor == "val_accuracy" and result.best_value > 0.8
+    meta = safe_open_metadata(tmp_path / "best.safetensors")
+    assert (meta["inputs"], meta["outputs"]) == ("pixels", "digit")
+    resumed = run_job(
+        parse_spec({**doc, "training": {**doc["training"], "epochs": 3}}),
+        tmp_path,
+        resolve=resolve,
+        resume=True,
+    )
+    assert resumed.status == "succeeded", resumed.error
+    assert resumed.epochs_run == 3
+
+
+def safe_open_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
 
 
 def test_early_stopping_really_stops_and_says_why(load_example, tmp_path):
