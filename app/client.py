@@ -11,13 +11,13 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
+from worker.engine.files import atomic_path
+
 RECONNECT_S = 1.0  # before reopening a dropped event stream, unless the server sent `retry:`
 GIVE_UP_S = 60.0  # an event stream down this long (no event received) is lost
 # The server sends a keepalive comment on a quiet stream every 15 s: a read waiting
 # much longer is on a connection that died without a word (a host gone, a NAT reset).
 READ_TIMEOUT_S = 60.0
-
-from worker.engine.files import atomic_path
 
 
 class ApiError(Exception):

@@ -81,7 +81,9 @@ class Service:
     def tail(self) -> str:
         if not self.logs:
             return ""
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.logs.glob("*.log")))
+        # the embedded serve keeps its API and worker logs under its home (logs/serve.log)
+        files = sorted([*self.logs.glob("*.log"), *self.logs.glob("*/logs/serve.log")])
+        return "\n".join(p.read_text()[-3000:] for p in files)
 
     def stop(self) -> None:
         for proc in self.procs.values():
