@@ -299,9 +299,13 @@ def serve(
     from app.bootstrap import bootstrap
     from app.config import Settings, with_worker_token
     from app.main import create_app
+    from worker.gpus import serve_gpus
 
+    gpus = serve_gpus(workers)  # worker i trains on GPU i; the rest on the CPU
+    # No GPU worker: `auto` jobs go to the CPU workers at once.
+    no_wait = {} if any(g is not None for g in gpus) else {"auto_gpu_wait_s": 0}
     env_url = os.environ.get("TORCHYARD_API_URL")
-    settings = Settings(api_url=env_url or f"http://{host}:{port}")  # type: ignore[call-arg]
+    settings = Settings(api_url=env_url or f"http://{host}:{port}", **no_wait)  # type: ignore[call-arg]
     settings = with_worker_token(settings)
     token = bootstrap(settings)
     child_env = {
@@ -313,11 +317,12 @@ def serve(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--name", f"embedded{i}"],
+            [sys.executable, "-m", "app.cli", "worker", "--name", f"embedded{i}"]
+            + ([] if gpu is None else ["--gpu", str(gpu)]),
             env=child_env,
             preexec_fn=_die_with_parent,
         )
-        for i in range(workers)
+        for i, gpu in enumerate(gpus)
     ]
     console.print(
         f"torchyard API at {settings.api_url}  (docs: {settings.api_url}/docs)", highlight=False
@@ -365,7 +370,7 @@ def worker_command(
     ] = None,
     queues: Annotated[
         str | None,
-        typer.Option(help="Queues to take jobs from (default: gpu with --gpu, else cpu,gpu)."),
+        typer.Option(help="Queues to take jobs from (default: gpu,auto with --gpu, else cpu)."),
     ] = None,
     name: Annotated[str, typer.Option(help="Worker name (unique per host).")] = "worker",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
@@ -373,17 +378,25 @@ def worker_command(
     """Start a training worker: one job at a time, each in its own child process."""
     import os
 
-    if gpu is not None:
-        # Before torch is imported anywhere: the worker and its children see one GPU.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        os.environ["TORCHYARD_GPU"] = str(gpu)
+    from worker.gpus import worker_environment, worker_gpu_problem
+    from worker.settings import worker_queues
+
+    # Before torch starts CUDA anywhere: the worker and its children see one GPU.
+    os.environ.update(worker_environment(gpu))
+    try:
+        consumed = worker_queues(gpu, queues)
+    except ValueError as exc:
+        raise _fail(str(exc), code=2) from None
+    problem = worker_gpu_problem() if gpu is not None else None
+    if problem:
+        raise _fail(f"--gpu {gpu}: CUDA is not usable: {problem}")
     from worker.celery_app import app as celery
 
     celery.worker_main(
         [
             "worker",
             "-Q",
-            queues or ("gpu" if gpu is not None else "cpu,gpu"),
+            ",".join(consumed),
             "--pool",
             "solo",
             "--concurrency",

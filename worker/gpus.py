@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 from worker.engine.devices import CUBLAS_WORKSPACE
@@ -175,10 +177,45 @@ def visible_gpu_count() -> int:
 
 
 def worker_environment(gpu: int | None) -> dict[str, str]:
-    """Environment a worker sets before torch starts CUDA; its training children inherit it."""
+    """Environment a worker sets before torch starts CUDA; its training children inherit it.
+
+    `gpu` counts the GPUs this process sees: under CUDA_VISIBLE_DEVICES=2,3, GPU 1 is 3.
+    """
     env = {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)}
     if gpu is not None:
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+        visible = [d for d in visible if d]
         # The worker and its children see one GPU, as cuda:0.
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if not visible:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        else:  # -1: none, so the start check says GPU `gpu` is not there
+            env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if 0 <= gpu < len(visible) else "-1"
         env["TORCHYARD_GPU"] = str(gpu)
     return env
+
+
+def worker_gpu_problem() -> str | None:
+    """Why a `--gpu` worker (its environment set by `worker_environment`) cannot train; None
+    when it can.
+
+    Checked in a throwaway process: a CUDA context opened here would hold GPU memory
+    for the worker's whole life, and the worker's children open their own.
+    """
+    check = "from worker.gpus import cuda_problem; print(cuda_problem(0) or '')"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", check], capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        return "the CUDA check did not finish within 5 minutes (a hung driver?)"
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"the CUDA check crashed (exit code {done.returncode}): {tail}"
+    return lines[-1] if lines and lines[-1] else None
+
+
+def serve_gpus(workers: int) -> list[int | None]:
+    """The GPU of each of `serve --workers N`'s workers (None: a CPU worker)."""
+    gpus = visible_gpu_count()
+    return [gpu_for_worker(i, gpus) for i in range(workers)]
