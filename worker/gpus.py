@@ -23,7 +23,7 @@ from worker.engine.devices import CUBLAS_WORKSPACE
 # Which wheel to build for an older driver or GPU (docs: README, Deployment).
 OLDER_WHEEL_HINT = (
     "build the image with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 "
-    "(CUDA 12.6: drivers >= 525, GPUs from Maxwell on)"
+    "(CUDA 12.6, PyTorch's legacy line: drivers 525 to 579, Maxwell, Pascal and Volta GPUs)"
 )
 
 
