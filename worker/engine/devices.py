@@ -17,7 +17,7 @@ from worker.engine.spec import TrainingSpec
 CUBLAS_WORKSPACE = ":4096:8"
 
 # Layers and losses of the allowlist with no deterministic CUDA kernel: under
-# `deterministic: true` torch warns and runs them anyway (docs/layers.md).
+# `deterministic: true` torch warns and runs them anyway (README, "Reproducibility").
 NONDETERMINISTIC_ON_CUDA = (
     "adaptiveavgpool2d/3d and adaptivemaxpool2d backward",
     "maxpool3d and avgpool3d backward",
@@ -46,9 +46,16 @@ def use_device(device: torch.device, training: TrainingSpec) -> list[str]:
     # PyTorch's default is off for matmuls (cuDNN convolutions use TF32 regardless).
     torch.backends.cuda.matmul.allow_tf32 = training.tf32
     props = torch.cuda.get_device_properties(device)
+    # The PCI address tells which physical GPU this is, whatever CUDA_VISIBLE_DEVICES says.
+    bus = getattr(props, "pci_bus_id", None)
+    where = (
+        f", pci {props.pci_domain_id:04x}:{bus:02x}:{props.pci_device_id:02x}"
+        if bus is not None
+        else ""
+    )
     lines = [
         f"device: {device} ({props.name}, sm_{props.major}{props.minor}, "
-        f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
+        f"{props.total_memory / 2**30:.0f} GiB{where}), torch {torch.__version__}, "
         f"CUDA {torch.version.cuda}"
     ]
     if training.precision == "bf16-mixed" and not torch.cuda.is_bf16_supported(
