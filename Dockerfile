@@ -1,10 +1,13 @@
 # One image for both roles: `api` (uvicorn) and `worker` (torchyard worker).
-# GPU workers need the CUDA build of torch: the default index below serves it.
-# For a CPU-only image: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# GPU workers need the CUDA build of torch. The default is PyTorch's stable CUDA
+# line, 13.0: the host needs an NVIDIA driver >= 580 and a Turing or newer GPU.
+# Older drivers (>= 525) or GPUs (Maxwell, Pascal, Volta):
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# A CPU-only image: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
 FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -12,6 +15,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TORCHYARD_HOME=/var/lib/torchyard
 
 WORKDIR /srv/torchyard
+
+# training.compile needs a C/C++ compiler: Triton builds its launcher with one on
+# GPU, Inductor compiles its kernels with one on CPU.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 # torch first, from its own index, so the package install below keeps it.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"

@@ -44,6 +44,12 @@ class Settings(CommonSettings):
     reconcile_interval_s: float = Field(
         default=5, gt=0, description="How often the reconciler runs"
     )
+    auto_gpu_wait_s: float = Field(
+        default=15,
+        ge=0,
+        description="How long a job with device auto waits for a free GPU worker before a CPU "
+        "worker may take it (0: CPU workers at once; use 0 where no GPU worker runs)",
+    )
     db_wait_s: float = Field(
         default=30, ge=0, description="How long startup waits for the database"
     )

@@ -18,22 +18,31 @@ from kombu.exceptions import ChannelError
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from worker.settings import QUEUES
 from worker.settings import celery_config as worker_celery_config
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "torchyard.run_job"
-QUEUES = ("cpu", "gpu")
 # A send is only a wake-up: give up fast and let the reconciler retry.
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
 
 
-def queue_for(spec: Any) -> str:
-    """`gpu` for jobs that need one (resources.gpus, or a cuda device when gpus is unset)."""
+__all__ = ["QUEUES", "Dispatcher", "queue_for", "send_after_commit"]
+
+
+def queue_for(spec: Any, *, gpu_first: bool = True) -> str:
+    """`gpu` for jobs that need one (resources.gpus 1, or a cuda device), `cpu` for jobs
+    that must not take one, `auto` for the rest (device auto): a free GPU worker takes
+    them, and the reconciler hands them to the `cpu` queue after auto_gpu_wait_s.
+    `gpu_first=False` (auto_gpu_wait_s 0: no GPU workers) sends those to `cpu` at once."""
     gpus = spec.resources.gpus
-    if gpus is None:
-        return "gpu" if spec.training.device.startswith("cuda") else "cpu"
-    return "gpu" if gpus == 1 else "cpu"
+    device = spec.training.device
+    if gpus == 1 or (gpus is None and device.startswith("cuda")):
+        return "gpu"
+    if gpus == 0 or device == "cpu":
+        return "cpu"
+    return "auto" if gpu_first else "cpu"
 
 
 # One definition for senders (here) and consumers (worker/celery_app.py): the

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 class Report:
     requeued: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    to_cpu: list[str] = field(default_factory=list)
 
 
 def reconcile(
@@ -51,7 +52,27 @@ def reconcile(
     for job in attempts.expire(session, now) if expire_leases else []:
         send_after_commit(session, dispatch, job.id, job.queue)
         report.requeued.append(job.id)
+    for job_id in _auto_to_cpu(session, settings, now):
+        send_after_commit(session, dispatch, job_id, "cpu")
+        report.to_cpu.append(job_id)
     return report
+
+
+def _auto_to_cpu(session: Session, settings: Settings, now: datetime) -> list[str]:
+    """`auto` jobs no GPU worker took within auto_gpu_wait_s: now the `cpu` queue's too.
+
+    Their `auto` message stays: whichever worker claims first runs the job, and the
+    other finds it claimed. The job's queue becomes `cpu`, so a later re-send (lost
+    message, lost worker) goes there.
+    """
+    if settings.auto_gpu_wait_s <= 0:
+        return []
+    cutoff = now - timedelta(seconds=settings.auto_gpu_wait_s)
+    moved = []
+    for job in jobs.stale_queued(session, cutoff, "auto", limit=1000):
+        job.queue, job.dispatched_at = "cpu", now
+        moved.append(job.id)
+    return moved
 
 
 def _lost_wakeups(
@@ -105,8 +126,13 @@ class Reconciler:
             try:
                 with session_scope(self.sessions) as session:
                     report = reconcile(session, self.settings, self.dispatch, expire_leases=expire)
-                if report.requeued or report.resent:
-                    log.info("reconciler: requeued %s, re-sent %s", report.requeued, report.resent)
+                if report.requeued or report.resent or report.to_cpu:
+                    log.info(
+                        "reconciler: requeued %s, re-sent %s, auto to cpu %s",
+                        report.requeued,
+                        report.resent,
+                        report.to_cpu,
+                    )
             except DatabaseUnavailable:
                 serving_since = time.monotonic()  # nor could workers report: a fresh lease
                 log.warning("reconciler: database unavailable")

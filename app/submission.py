@@ -148,7 +148,7 @@ def submit_job(
 ) -> Job:
     """Check, store as `queued`, and send the wake-up once the row is committed."""
     checked = check_spec(session, user_id, body, settings)
-    queue = queue_for(checked.spec)
+    queue = queue_for(checked.spec, gpu_first=settings.auto_gpu_wait_s > 0)
     job = jobs.create(
         session,
         user_id=user_id,

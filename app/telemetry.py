@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import Sessions, session_scope
+from app.dispatch import QUEUES
 from app.models import JOB_STATUSES
 from app.store import jobs
 
@@ -38,7 +39,7 @@ class JobCollector(Collector):
             states.add_metric([status], by_status.get(status, 0))
         yield states
         depth = GaugeMetricFamily("torchyard_queue_depth", "Queued jobs by queue", labels=["queue"])
-        for queue in sorted({"cpu", "gpu", *by_queue}):
+        for queue in sorted({*QUEUES, *by_queue}):
             depth.add_metric([queue], by_queue.get(queue, 0))
         yield depth
 

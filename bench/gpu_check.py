@@ -1,96 +1,434 @@
-"""GPU check: the CUDA paths of the engine, run on a real GPU (never in CI).
+"""GPU check: the CUDA paths of torchyard, run on a real GPU. A check that can fail.
 
-    .venv/bin/python bench/gpu_check.py
+    .venv/bin/python bench/gpu_check.py            # on a machine with an NVIDIA GPU
+    .venv/bin/python bench/gpu_check.py --cpu      # this script's own plumbing, on a CPU
 
-Trains the digits CNN through the engine on `cuda` with each precision and both
-data paths (tensors held on the GPU; a DataLoader with pinned memory), checks
-where the weights and batches live, that 16-mixed uses a grad scaler, that the
-results are close to a CPU run, and times each against the CPU. Prints a table;
-exits non-zero only on an error.
+Exits 1 when anything is off, printing why: CUDA not usable (no driver, a driver
+too old for the wheel, a GPU the wheel was not built for), or any check below.
+Exits 2 on a machine with no NVIDIA device at all (nothing to check). Runs in a
+few minutes on one GPU (digits data, small CNN); prints one table.
+
+Checks (each a row; all on every visible GPU's behalf where it matters):
+- cuda usable: every visible GPU runs a kernel (worker.gpus.cuda_problem).
+- placement: weights and batches on the training GPU, which is also torch's
+  current device (set_device); in-memory and streamed batches.
+- autocast: bf16-mixed outputs bfloat16, 16-mixed float16; losses float32.
+- grad scaler: 16-mixed has one; after an epoch its scale is finite and the
+  optimizer really stepped (Adam's step count, weights changed).
+- pinned: a DataLoader with 2 workers hands over pinned host buffers.
+- no sync per step: torch.cuda.set_sync_debug_mode("error") over >= 300 real
+  training steps (32, bf16-mixed, 16-mixed); the loss window read once per
+  log_every_n_steps is the one sync the loop means to make, and is let through.
+- resume: a GPU run's last.pt holds CPU tensors only, resumes on the CPU, and
+  that one resumes on the GPU again (and cuda:1 -> cuda:0 with two GPUs).
+- service: `torchyard serve --workers N` (N = GPUs, at most 2) runs jobs as the
+  service does (queue, `--gpu i` worker, spawned child): `auto` jobs land on GPU
+  workers, two GPUs run two jobs at once on different GPUs; a DataLoader-worker
+  job and a compiled job succeed. Each job's best val_accuracy is within
+  ACCURACY_TOLERANCE of the same spec trained on the CPU.
 """
 
 from __future__ import annotations
 
-import copy
+import argparse
 import json
+import math
+import os
+import re
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from examples.make_digits import write_digits  # noqa: E402
 from worker.engine.spec import parse_spec  # noqa: E402
-from worker.engine.train import prepare, run_job  # noqa: E402
+from worker.engine.train import Trainer, prepare, run_job, seed_everything  # noqa: E402
+from worker.gpus import cuda_problem, driver_info  # noqa: E402
+
+# Best val_accuracy of a GPU run may differ from the CPU run's by this much: the
+# same seed, but other kernels (and bf16/fp16 rounding) take another path.
+ACCURACY_TOLERANCE = 0.02
+EPOCHS = 4
+SYNC_STEPS = 300
 
 
-def spec_for(data: Path, **training: object) -> dict:
+class Check:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+
+    def run(self, name: str, fn: Callable[[], str]) -> None:
+        started = time.perf_counter()
+        try:
+            detail, status = fn(), "PASS"
+        except Exception as exc:  # every failure is a row, and the script goes on
+            status = "FAIL"
+            text = str(exc).strip().splitlines()
+            detail = f"{type(exc).__name__}: {text[0] if text else ''}"
+            traceback.print_exc(limit=3)
+        elapsed = time.perf_counter() - started
+        self.rows.append((name, status, f"{detail} [{elapsed:.0f} s]"))
+        print(f"{status}  {name}: {detail}", flush=True)
+
+    def skip(self, name: str, why: str) -> None:
+        self.rows.append((name, "SKIP", why))
+
+    @property
+    def failed(self) -> bool:
+        return any(status == "FAIL" for _, status, _ in self.rows)
+
+    def table(self) -> str:
+        width = max(len(name) for name, _, _ in self.rows)
+        lines = [f"{'check':<{width}}  result  detail", "-" * (width + 60)]
+        lines += [f"{name:<{width}}  {status:<6}  {detail}" for name, status, detail in self.rows]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ specs
+
+
+def digits_spec(data: Path, device: str, **training: Any) -> dict[str, Any]:
     doc = json.loads((ROOT / "examples" / "digits_cnn.json").read_text())
     doc["data"].update(
         train=str(data / "digits_train.npz"), validation=str(data / "digits_val.npz")
     )
-    doc["training"].update({"epochs": 5, **training})
+    doc["training"].update({"epochs": EPOCHS, "device": device, **training})
     doc["callbacks"] = {"checkpoint": {"monitor": "val_accuracy", "mode": "max"}}
     return doc
 
 
-def placement_check(doc: dict) -> str:
-    """Weights, batches and the grad scaler where they belong, checked directly."""
-    from worker.engine.train import Trainer
-
+def trainer_for(doc: dict[str, Any], run_dir: Path) -> Trainer:
     spec = parse_spec(doc)
-    data = prepare(spec, lambda ref: Path(ref))
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(spec, data, Path(tmp))
-        devices = {p.device.type for p in trainer.model.parameters()}
-        inputs, targets = next(iter(trainer.train_batches.epoch(0)))
-        batch_devices = {t.device.type for t in [*inputs.values(), *targets.values()]}
-        scaler = trainer.scaler is not None
-    assert devices == {"cuda"}, f"weights on {devices}"
-    assert batch_devices == {"cuda"}, f"batches on {batch_devices}"
-    if spec.training.precision == "16-mixed":
-        assert scaler, "16-mixed without a grad scaler"
-    return f"weights+batches on cuda, scaler={scaler}"
+    data = prepare(spec, Path)
+    trainer = Trainer(spec, data, run_dir)
+    seed_everything(spec.seed)
+    for cb in trainer.callbacks:
+        cb.on_fit_start(trainer)
+    return trainer
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("no CUDA device here: nothing checked (run this where a GPU is lent)")
-        return 0
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        write_digits(data)
-        cases = {
-            "cpu 32": spec_for(data, device="cpu"),
-            "cuda 32": spec_for(data, device="cuda"),
-            "cuda bf16-mixed": spec_for(data, device="cuda", precision="bf16-mixed"),
-            "cuda 16-mixed": spec_for(data, device="cuda", precision="16-mixed"),
-            "cuda:0 stream pinned": spec_for(data, device="cuda:0"),
-            "cuda compile": spec_for(data, device="cuda", compile=True),
+def first_batch(trainer: Trainer) -> tuple[dict, dict]:
+    return next(iter(trainer.train_batches.epoch(0)))
+
+
+# ------------------------------------------------------------------ checks
+
+
+def check_placement(data: Path, tmp: Path, device: str) -> str:
+    out = []
+    for mode in ("always", "never"):
+        doc = digits_spec(data, device)
+        doc["data"].update(in_memory=mode, num_workers=0)
+        trainer = trainer_for(doc, tmp / f"place-{mode}")
+        where = trainer.device
+        weights = {p.device for p in trainer.model.parameters()}
+        assert weights == {where}, f"weights on {weights}, training device {where}"
+        inputs, targets = first_batch(trainer)
+        batch = {t.device for t in [*inputs.values(), *targets.values()]}
+        assert batch == {where}, f"in_memory {mode}: batches on {batch}"
+        if where.type == "cuda":
+            current = torch.cuda.current_device()
+            assert current == where.index, f"current device {current}, training on {where}"
+        out.append(f"{mode}: {where}")
+    return "weights+batches on the training device (" + ", ".join(out) + ")"
+
+
+def check_autocast(data: Path, tmp: Path, device: str) -> str:
+    found = []
+    for precision, want in (("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)):
+        if device == "cpu" and precision == "16-mixed":
+            continue
+        trainer = trainer_for(digits_spec(data, device, precision=precision), tmp / precision)
+        inputs, targets = first_batch(trainer)
+        with trainer.autocast():
+            outputs = trainer._forward(inputs)
+            loss, _ = trainer.loss_fn(outputs, targets)
+        dtypes = {t.dtype for t in outputs.values()}
+        assert dtypes == {want}, f"{precision}: outputs {dtypes}, expected {want}"
+        assert loss.dtype == torch.float32, f"{precision}: loss {loss.dtype}"
+        found.append(f"{precision} -> {str(want).removeprefix('torch.')}")
+    return ", ".join(found) + "; losses float32"
+
+
+def check_scaler(data: Path, tmp: Path, device: str) -> str:
+    trainer = trainer_for(digits_spec(data, device, precision="16-mixed"), tmp / "scaler")
+    assert trainer.scaler.is_enabled(), "16-mixed without an enabled grad scaler"
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer._train_epoch(0)
+    scale = trainer.scaler.get_scale()
+    assert math.isfinite(scale) and scale > 0, f"scale {scale}"
+    steps = [int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s]
+    assert steps and max(steps) >= trainer.step * 0.9, (
+        f"optimizer stepped {max(steps or [0])} of {trainer.step} steps (inf/NaN skips?)"
+    )
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)
+    )
+    assert changed, "weights did not change"
+    return f"scale {scale:g} after {trainer.step} steps; optimizer stepped {max(steps)} times"
+
+
+def check_pinned(data: Path, tmp: Path, device: str) -> str:
+    doc = digits_spec(data, device)
+    doc["data"].update(in_memory="never", num_workers=2)
+    trainer = trainer_for(doc, tmp / "pinned")
+    loader = trainer.train_batches.loader  # type: ignore[attr-defined]
+    trainer.train_batches.sampler.epoch = 0  # type: ignore[attr-defined]
+    inputs, targets = next(iter(loader))
+    pinned = {t.is_pinned() for t in [*inputs.values(), *targets.values()]}
+    assert pinned == {True}, f"host batches pinned: {pinned}"
+    return "DataLoader(num_workers=2) hands over pinned host buffers"
+
+
+def check_no_sync(data: Path, tmp: Path, precision: str) -> str:
+    doc = digits_spec(data, "cuda", precision=precision, log_every_n_steps=100)
+    doc["data"].update(batch_size=8, in_memory="always")
+    trainer = trainer_for(doc, tmp / f"sync-{precision}")
+    flush = trainer._flush_window
+
+    def allowed_flush(*, log: bool) -> None:  # the one read of a logging window
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            flush(log=log)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    trainer._flush_window = allowed_flush  # type: ignore[method-assign]
+    epoch = 0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while trainer.step < SYNC_STEPS:
+            trainer._train_epoch(epoch)
+            epoch += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return f"{trainer.step} steps, no host sync outside the log windows"
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in tensors(v)]
+    return []
+
+
+def check_resume(data: Path, tmp: Path, first: str, then: str) -> str:
+    run = tmp / f"resume-{first}-{then}".replace(":", "")
+    result = run_job(parse_spec(digits_spec(data, first, epochs=2)), run)
+    assert result.status == "succeeded", result.error
+    state = torch.load(run / "last.pt", weights_only=True)  # devices as saved
+    devices = {t.device.type for t in tensors(state)}
+    assert devices == {"cpu"}, f"last.pt holds tensors on {devices}"
+    result = run_job(parse_spec(digits_spec(data, then, epochs=3)), run, resume=True)
+    assert result.status == "succeeded" and result.epochs_run == 3, result.error
+    result = run_job(parse_spec(digits_spec(data, first, epochs=4)), run, resume=True)
+    assert result.status == "succeeded" and result.epochs_run == 4, result.error
+    return f"{first} -> {then} -> {first}: 4 epochs, last.pt on the CPU"
+
+
+# ------------------------------------------------------------------ the service
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_service(
+    data: Path, tmp: Path, gpus: int, cpu_best: dict[str, float], on: str = "cuda"
+) -> str:
+    """`on="cpu"` (--cpu): one auto job on a CPU worker, to test this check's own plumbing."""
+    from app.client import ApiClient
+
+    workers = max(1, min(gpus, 2))
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp / "home")}
+    for key in ("TORCHYARD_TOKEN", "TORCHYARD_DATABASE_URL", "TORCHYARD_BROKER_URL"):
+        env.pop(key, None)
+    log = tmp / "serve.log"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        token = wait(lambda: re.search(r"TORCHYARD_TOKEN=(\S+)", log.read_text()), 120, serve, log)
+        url = f"http://127.0.0.1:{port}"
+        wait(lambda: ready(url), 120, serve, log)
+        client = ApiClient(url, token.group(1))
+        train = client.upload(data / "digits_train.npz")["id"]
+        val = client.upload(data / "digits_val.npz")["id"]
+
+        def service_spec(**training: Any) -> dict[str, Any]:
+            doc = digits_spec(data, "auto", **training)
+            doc["data"].update(train=train, validation=val)
+            return doc
+
+        jobs = {f"auto {i}": client.submit(service_spec()) for i in range(workers)}
+        if on == "cuda":
+            loader = service_spec(device="cuda")
+            loader["data"].update(in_memory="never", num_workers=2)
+            jobs["cuda, 2 loader workers"] = client.submit(loader)
+            jobs["cuda, compile"] = client.submit(service_spec(device="cuda", compile=True))
+        done = {
+            name: wait(lambda j=job: ended(client, j["id"]), 420, serve, log)
+            for name, job in jobs.items()
         }
-        stream = cases["cuda:0 stream pinned"]
-        stream["data"].update(in_memory="never", num_workers=2)
-        for name, doc in cases.items():
-            check = placement_check(copy.deepcopy(doc)) if name.startswith("cuda") else "-"
-            started = time.perf_counter()
-            result = run_job(parse_spec(doc), Path(tmp) / name.replace(" ", "_"))
-            elapsed = time.perf_counter() - started
-            if result.status != "succeeded":
-                raise SystemExit(f"{name}: {result.error}")
-            rows.append((name, result.best_value, elapsed, check))
-    cpu_time = rows[0][2]
-    print(f"{'case':<22} {'best val_acc':>12} {'time s':>8} {'vs cpu':>7}  checks")
-    for name, best, elapsed, check in rows:
-        print(f"{name:<22} {best:>12.4f} {elapsed:>8.2f} {elapsed / cpu_time:>7.2f}  {check}")
-    worst = min(best for _, best, _, _ in rows)
-    print(f"lowest best val_accuracy across cases: {worst:.4f} (CPU {rows[0][1]:.4f})")
-    return 0
+        problems, devices = [], {}
+        for name, job in done.items():
+            if job["status"] != "succeeded":
+                problems.append(f"{name}: {job['status']}: {job.get('error')}")
+                continue
+            lines = [
+                line
+                for _, kind, body in client.events(job["id"])
+                if kind == "log"
+                for line in body.get("lines", [])
+            ]
+            device = next((line for line in lines if line.startswith("device: ")), "")
+            if not device.startswith(f"device: {on}"):
+                problems.append(f"{name}: ran on {device or 'no device line'}")
+            devices[name] = device
+            best = (job.get("best") or {}).get("value")
+            base = cpu_best["32"]
+            if best is None or abs(best - base) > ACCURACY_TOLERANCE:
+                problems.append(f"{name}: best val_accuracy {best} vs CPU {base:.4f}")
+        if workers == 2:
+            # Two workers, two GPUs: their device lines name different PCI addresses.
+            a, b = devices.get("auto 0", ""), devices.get("auto 1", "")
+            if a and a == b:
+                problems.append(f"both auto jobs ran on the same GPU: {a}")
+        assert not problems, "; ".join(problems)
+        # "device: cuda:0 (NVIDIA H200, sm_90, 139 GiB, pci 0000:1a:00), ..." -> "pci 0000:1a:00"
+        shown = sorted({d.split(", pci ")[-1].split(")")[0] for d in devices.values()})
+        return f"{len(done)} jobs on {workers} {on} worker(s): {', '.join(shown)}"
+    finally:
+        os.killpg(serve.pid, 15)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, 9)
+
+
+def ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ended(client: Any, job_id: str) -> dict[str, Any] | None:
+    job = client.job(job_id)
+    return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+def wait(condition: Callable[[], Any], timeout: float, proc: subprocess.Popen, log: Path) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"gave up after {timeout:.0f} s; serve log: {log.read_text()[-2000:]}")
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--cpu", action="store_true", help="run what a CPU can (tests this script's plumbing)"
+    )
+    args = parser.parse_args(argv)
+    check = Check()
+    device = "cpu" if args.cpu else "cuda"
+    gpus = 0
+    if not args.cpu:
+        driver = driver_info()
+        nvidia = driver.loaded or bool(driver.physical_gpus) or Path("/dev/nvidia0").exists()
+        if not nvidia:
+            print("no NVIDIA device here: nothing to check (run this where a GPU is lent)")
+            return 2
+        gpus = torch.cuda.device_count()
+        for index in range(max(gpus, 1)):
+            problem = cuda_problem(index)
+            check.run(f"cuda usable: GPU {index}", lambda p=problem: _raise_if(p))
+        if check.failed:
+            print(check.table())
+            return 1
+        print(
+            f"{gpus} GPU(s): {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, driver supports CUDA {driver.cuda_version}"
+        )
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        data = tmp / "data"
+        write_digits(data)
+        cpu_best: dict[str, float] = {}
+
+        def cpu_baseline() -> str:
+            result = run_job(parse_spec(digits_spec(data, "cpu")), tmp / "cpu-32")
+            assert result.status == "succeeded", result.error
+            cpu_best["32"] = float(result.best_value or 0.0)
+            return f"best val_accuracy {cpu_best['32']:.4f}"
+
+        check.run("cpu baseline", cpu_baseline)
+        check.run("placement + set_device", lambda: check_placement(data, tmp, device))
+        if gpus >= 2:
+            check.run("placement on cuda:1", lambda: check_placement(data, tmp, "cuda:1"))
+        check.run("autocast dtypes", lambda: check_autocast(data, tmp, device))
+        if args.cpu:
+            for name in ("grad scaler", "pinned buffers", "no sync per step"):
+                check.skip(name, "needs CUDA")
+        else:
+            check.run("grad scaler", lambda: check_scaler(data, tmp, device))
+            check.run("pinned buffers", lambda: check_pinned(data, tmp, device))
+            for precision in ("32", "bf16-mixed", "16-mixed"):
+                check.run(
+                    f"no sync per step ({precision})",
+                    lambda p=precision: check_no_sync(data, tmp, p),
+                )
+        check.run("resume across devices", lambda: check_resume(data, tmp, device, "cpu"))
+        if gpus >= 2:
+            check.run(
+                "resume cuda:1 -> cuda:0", lambda: check_resume(data, tmp, "cuda:1", "cuda:0")
+            )
+        check.run(
+            f"service on {device} workers",
+            lambda: check_service(data, tmp, gpus, cpu_best, on=device),
+        )
+
+    print()
+    print(check.table())
+    print(f"accuracy tolerance vs CPU: {ACCURACY_TOLERANCE}")
+    return 1 if check.failed else 0
+
+
+def _raise_if(problem: str | None) -> str:
+    if problem:
+        raise RuntimeError(problem)
+    return "runs a kernel"
 
 
 if __name__ == "__main__":

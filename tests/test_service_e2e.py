@@ -152,15 +152,22 @@ def compose_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servic
         {**shared, "TORCHYARD_TOKEN": token, "TORCHYARD_ARTIFACT_DIR": str(tmp / "artifacts")},
     )
     api_env["TORCHYARD_LEASE_S"] = "10"
+    # No GPU here: `auto` jobs go to the CPU workers at once, as in a deployment without GPUs.
+    api_env["TORCHYARD_AUTO_GPU_WAIT_S"] = "0"
     service.procs["api"] = spawn(as_local_argv(command), api_env, tmp / "api.log")
 
-    worker = compose["worker"]
-    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    for i in range(2):  # docker compose up --scale worker=2
+    for i in range(2):  # services worker-gpu0 and worker-gpu1, one GPU each
+        worker = compose[f"worker-gpu{i}"]
+        devices = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["device_ids"] == [str(i)] and devices[0]["capabilities"] == ["gpu"]
         env = compose_env(
             worker["environment"], {**shared, "TORCHYARD_WORK_DIR": str(tmp / f"work{i}")}
         )
-        argv = [*as_local_argv([str(part) for part in worker["command"]]), "--name", f"w{i}"]
+        command = [str(part) for part in worker["command"]]
+        # No GPU on this machine: the same worker without --gpu (a CPU worker).
+        at = command.index("--gpu")
+        command[at : at + 2] = []
+        argv = [*as_local_argv(command), "--name", f"w{i}"]
         service.procs[f"worker{i}"] = spawn(argv, env, tmp / f"worker{i}.log")
     try:
         service.wait_ready()

@@ -49,6 +49,32 @@ class WorkerSettings(CommonSettings):
         return (self.work_dir or self.home / "worker").resolve()
 
 
+# `gpu`: jobs that need CUDA, consumed by GPU workers only. `cpu`: jobs that must
+# not take a GPU. `auto`: jobs that run on a GPU when one is free; GPU workers
+# consume it, and the API's reconciler hands a job still waiting after
+# auto_gpu_wait_s to the `cpu` queue (docs/service.md, "Queues").
+QUEUES = ("cpu", "gpu", "auto")
+
+
+def worker_queues(gpu: int | None, given: str | None) -> list[str]:
+    """The queues a worker consumes: `gpu,auto` with a GPU, `cpu` without; ValueError if unfit."""
+    if not given:
+        return ["gpu", "auto"] if gpu is not None else ["cpu"]
+    queues = [q.strip() for q in given.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown or not queues:
+        raise ValueError(
+            f"--queues {given!r}: unknown queue(s) {', '.join(unknown) or '(none given)'}; "
+            f"expected some of {', '.join(QUEUES)}"
+        )
+    if gpu is None and "gpu" in queues:
+        raise ValueError(
+            "--queues gpu needs --gpu N: jobs in the gpu queue asked for CUDA, "
+            "and a worker without a GPU would fail them"
+        )
+    return queues
+
+
 def celery_config(broker_url: str, home: Path) -> dict[str, Any]:
     """Celery settings shared by the API (sender) and workers (consumers)."""
     config: dict[str, Any] = {

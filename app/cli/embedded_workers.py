@@ -25,7 +25,7 @@ STOP_GRACE_S = 2.0
 class EmbeddedWorkers:
     def __init__(
         self,
-        count: int,
+        gpus: list[int | None],
         env: dict[str, str],
         *,
         output: IO[str] | None,
@@ -33,7 +33,8 @@ class EmbeddedWorkers:
         say: Callable[[str], None],
         warn: Callable[[str], None],
     ):
-        """Start `count` workers; their output goes to `output` (None: this terminal)."""
+        """Start a worker per entry of `gpus` (its GPU index, None: the CPU); their output
+        goes to `output` (None: this terminal)."""
         self.log_path = log_path
         self.stopping = threading.Event()
         self._say, self._warn = say, warn
@@ -41,9 +42,10 @@ class EmbeddedWorkers:
         read_end, write_end = os.pipe()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
-            for i in range(count):
+            for i, gpu in enumerate(gpus):
                 name = f"embedded{i}"
                 argv = [sys.executable, "-m", "app.cli", "worker", "--name", name]
+                argv += [] if gpu is None else ["--gpu", str(gpu)]
                 self.procs[name] = subprocess.Popen(
                     [*argv, "--ready-fd", str(write_end)],
                     env=env,

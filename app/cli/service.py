@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli.terminal import console, err
+from app.cli.terminal import console, err, fail
 
 STARTUP_FAILURE = 3  # uvicorn.run's exit code when the server could not start
 
@@ -41,9 +41,13 @@ def serve(
     from app.cli.embedded_workers import EmbeddedWorkers
     from app.config import Settings, with_worker_token
     from app.main import create_app
+    from worker.gpus import serve_gpus
 
+    gpus = serve_gpus(workers)  # worker i trains on GPU i; the rest on the CPU
+    # No GPU worker: `auto` jobs go to the CPU workers at once.
+    no_wait = {} if any(g is not None for g in gpus) else {"auto_gpu_wait_s": 0}
     env_url = os.environ.get("TORCHYARD_API_URL")
-    settings = Settings(api_url=env_url or f"http://{host}:{port}")  # type: ignore[call-arg]
+    settings = Settings(api_url=env_url or f"http://{host}:{port}", **no_wait)  # type: ignore[call-arg]
     settings = with_worker_token(settings)
     token = bootstrap(settings)
     log_path = None if verbose else serve_logs.fresh_log(settings.home)
@@ -58,7 +62,7 @@ def serve(
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(log_path.open("a")) if log_path else None
         embedded = EmbeddedWorkers(
-            workers,
+            gpus,
             child_env,
             output=output,
             log_path=log_path,
@@ -121,7 +125,7 @@ def worker_command(
     ] = None,
     queues: Annotated[
         str | None,
-        typer.Option(help="Queues to take jobs from (default: gpu with --gpu, else cpu,gpu)."),
+        typer.Option(help="Queues to take jobs from (default: gpu,auto with --gpu, else cpu)."),
     ] = None,
     name: Annotated[str, typer.Option(help="Worker name (unique per host).")] = "worker",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
@@ -130,10 +134,18 @@ def worker_command(
     ] = None,
 ) -> None:
     """Start a training worker: one job at a time, each in its own child process."""
-    if gpu is not None:
-        # Before torch is imported anywhere: the worker and its children see one GPU.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        os.environ["TORCHYARD_GPU"] = str(gpu)
+    from worker.gpus import worker_environment, worker_gpu_problem
+    from worker.settings import worker_queues
+
+    # Before torch starts CUDA anywhere: the worker and its children see one GPU.
+    os.environ.update(worker_environment(gpu))
+    try:
+        consumed = worker_queues(gpu, queues)
+    except ValueError as exc:
+        raise fail(str(exc), code=2) from None
+    problem = worker_gpu_problem() if gpu is not None else None
+    if problem:
+        raise fail(f"--gpu {gpu}: CUDA is not usable: {problem}")
     from worker.celery_app import app as celery
 
     if ready_fd is not None:
@@ -142,7 +154,7 @@ def worker_command(
         [
             "worker",
             "-Q",
-            queues or ("gpu" if gpu is not None else "cpu,gpu"),
+            ",".join(consumed),
             "--pool",
             "solo",
             "--concurrency",

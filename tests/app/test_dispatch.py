@@ -60,6 +60,14 @@ def test_queue_follows_the_resources_and_the_device():
     assert queue(training__device="cuda", resources={"gpus": 0}) == "cpu"
 
 
+def test_device_auto_jobs_go_to_the_auto_queue_or_to_cpu_where_no_gpu_worker_waits():
+    spec = parse_spec(job_spec("d", training__device="auto"))
+    assert queue_for(spec) == "auto"
+    assert queue_for(spec, gpu_first=False) == "cpu"
+    gpu = parse_spec(job_spec("d", training__device="auto", resources={"gpus": 1}))
+    assert queue_for(gpu, gpu_first=False) == "gpu"  # a job that asks for a GPU still gets one
+
+
 def test_the_embedded_broker_folders_are_shared_by_sender_and_workers(tmp_path):
     options = celery_config("filesystem://", tmp_path)["broker_transport_options"]
     assert (

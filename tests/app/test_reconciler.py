@@ -117,3 +117,31 @@ def test_a_lease_that_ran_out_while_the_api_was_down_gets_a_full_lease_after(mak
                 time.sleep(0.05)
         finally:
             reconciler.stop()
+
+
+def test_an_auto_job_no_gpu_worker_took_is_handed_to_the_cpu_queue_once(make_server):
+    srv = make_server(auto_gpu_wait_s=0.2)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        waiting = submit(user, job_spec(dataset["id"], training__device="auto"))
+        taken = submit(user, job_spec(dataset["id"], training__device="auto"))
+        assert [m["queue"] for m in srv.sent_for(waiting["id"])] == ["auto"]
+        claim(srv, taken["id"])  # a GPU worker took this one in time
+        assert waiting["id"] not in run_reconciler(srv).to_cpu  # still within the wait
+        time.sleep(0.3)
+        moved = set(run_reconciler(srv).to_cpu)
+        assert waiting["id"] in moved and taken["id"] not in moved
+        # Both wake-ups stand: the first worker of either kind to claim runs it.
+        assert sorted(m["queue"] for m in srv.sent_for(waiting["id"])) == ["auto", "cpu"]
+        assert user.get(f"/jobs/{waiting['id']}").json()["queue"] == "cpu"
+        time.sleep(0.3)
+        assert waiting["id"] not in run_reconciler(srv).to_cpu  # handed over once
+        assert len(srv.sent_for(waiting["id"])) == 2
+
+
+def test_without_gpu_workers_auto_jobs_go_to_the_cpu_queue_at_once(make_server):
+    srv = make_server(auto_gpu_wait_s=0)
+    with srv.new_user() as user:
+        job = submit(user, job_spec(upload(user)["id"], training__device="auto"))
+        assert [m["queue"] for m in srv.sent_for(job["id"])] == ["cpu"]
+        assert job["queue"] == "cpu"

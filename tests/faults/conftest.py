@@ -274,7 +274,7 @@ class Stack:
             "TORCHYARD_WORKER_NAME": name,
             **settings,
         }
-        argv = [sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu", "--name", name]
+        argv = [sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,auto", "--name", name]
         self.workers[name] = start(argv, env, self.folder / f"worker-{name}.log")
 
     def wait_workers_listening(self, timeout: float = 120) -> None:

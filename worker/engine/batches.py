@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from worker.engine.data import ArrayData
+from worker.engine.errors import DataError
 from worker.engine.spec import DataSpec
 
 
@@ -73,8 +74,13 @@ class InMemoryBatches:
         self.device = torch.device(device)
         self.plan = _Plan(len(data), batch_size, shuffle, drop_last, seed)
         self.num_samples = self.plan.num_samples
-        self.inputs = {k: torch.from_numpy(v).to(self.device) for k, v in data.inputs.items()}
-        self.targets = {k: torch.from_numpy(v).to(self.device) for k, v in data.targets.items()}
+        try:
+            self.inputs = {k: torch.from_numpy(v).to(self.device) for k, v in data.inputs.items()}
+            self.targets = {k: torch.from_numpy(v).to(self.device) for k, v in data.targets.items()}
+        except torch.cuda.OutOfMemoryError:
+            # Not the batch size's fault: say what did not fit, and where it would.
+            self.inputs = self.targets = {}
+            raise DataError(_too_big_for_gpu(data.nbytes, self.device)) from None
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -90,6 +96,15 @@ class InMemoryBatches:
             else:
                 index = order[start:stop]
                 yield _take_index(self.inputs, index), _take_index(self.targets, index)
+
+
+def _too_big_for_gpu(nbytes: int, device: torch.device) -> str:
+    free, total = torch.cuda.mem_get_info(device)
+    return (
+        f"data.in_memory 'always': a split of {nbytes / 2**30:.2f} GiB does not fit in the "
+        f"memory of {device} ({free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB); "
+        f"use in_memory 'auto' or 'never' to stream batches from host memory"
+    )
 
 
 def _take_slice(tensors: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:

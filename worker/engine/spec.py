@@ -446,6 +446,11 @@ class TrainingSpec(Strict):
     accumulate_grad_batches: int = Field(default=1, ge=1, le=10_000)
     compile: bool = False
     deterministic: bool = False
+    tf32: bool = Field(
+        default=False,
+        description="allow TF32 for float32 matmuls on CUDA (Ampere and later); "
+        "off by default, as in PyTorch",
+    )
     log_every_n_steps: int = Field(default=50, ge=1)
 
     @field_validator("device")

@@ -39,12 +39,14 @@ from worker.engine.callbacks import (
     nan_decision,
 )
 from worker.engine.data import ArrayData, describe, load_arrays, resolve_fields, split_validation
+from worker.engine.devices import set_determinism, use_device
 from worker.engine.errors import DataError, SpecError
 from worker.engine.files import atomic_path, atomic_write_text
 from worker.engine.losses import CombinedLoss, target_dtype, target_shape
 from worker.engine.metrics import MetricAccumulator
 from worker.engine.optim import make_optimizer, make_scheduler
 from worker.engine.spec import JobSpec, SplitSpec, default_mode, default_monitor
+from worker.engine.value_checks import check_values
 
 Status = Literal["succeeded", "failed", "cancelled"]
 
@@ -79,8 +81,9 @@ class RunFailed(Exception):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The training device, with its index for CUDA (`cuda` and `auto` mean the current GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RunFailed(f"training.device is {name!r} but no CUDA device is available")
@@ -89,7 +92,7 @@ def resolve_device(name: str) -> torch.device:
             raise RunFailed(
                 f"training.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
-        return device
+        return device if device.index is not None else torch.device("cuda", 0)
     return torch.device(name)
 
 
@@ -136,6 +139,7 @@ def prepare(
         },
     }
     train = load_arrays(train_path, spec.data, **dtypes)
+    check_values(spec, built, "data.train", spec.data.train, train)
     val: ArrayData | None = None
     if isinstance(spec.data.validation, SplitSpec):
         train, val = split_validation(train, spec.data.validation.split, spec.seed)
@@ -150,6 +154,7 @@ def prepare(
                         f"training data has {fi.shape}"
                     )
         val = load_arrays(val_path, spec.data, **dtypes)
+        check_values(spec, built, "data.validation", spec.data.validation, val)
     return PreparedData(train, val, inputs, targets)
 
 
@@ -172,11 +177,11 @@ class Trainer:
         self.run_dir = run_dir
         self.reporter: Reporter = reporter or NullReporter()
         training = spec.training
+        set_determinism(training.deterministic)  # before CUDA starts: cuBLAS reads it once
         self.device = resolve_device(training.device)
+        for line in use_device(self.device, training):
+            self.reporter.log_line(line)
         self.autocast = autocast_for(training.precision, self.device)
-        if training.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
 
         self.model: nn.Module = build_model(
             spec, data.inputs, data.targets, device=self.device, max_params=None
@@ -499,14 +504,15 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),  # {} when disabled
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             # The data order is a pure function of (seed, epoch); kept for the record.
             "data_order": {"seed": self.spec.seed, "next_epoch": self.epoch},
         }
 
     def save_state(self, path: Path) -> None:
+        # On the CPU, so a machine without this GPU (or any) can load it.
         with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
+            torch.save(to_cpu(self.state_dict()), tmp)
 
     def load_state(self, path: Path) -> None:
         state = read_state(path)
@@ -528,7 +534,7 @@ class Trainer:
                 cb.load_state_dict(state["callbacks"][key])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._window_first_step = self.step
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
 
 
 # ---------------------------------------------------------------- helpers
@@ -548,7 +554,7 @@ def spec_digest(spec: JobSpec) -> str:
     """What must not change between a run and its resume (epochs may grow)."""
     fixed = spec.dump(include={"seed", "data", "model"})
     training = spec.dump(include={"training"})["training"]
-    for key in ("epochs", "max_time_s", "device"):
+    for key in ("epochs", "max_time_s", "device", "tf32"):
         training.pop(key)
     text = json.dumps({"fixed": fixed, "training": training}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -560,24 +566,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """RNG states of the host and of the training GPU only: a resume may see other GPUs."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def to_cpu(value: Any) -> Any:
+    """A state dict with every tensor copied to the CPU (nested dicts, lists and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore the training GPU's generator from the saved one, whatever its index was.
+
+    A state saved on the CPU leaves the GPU's seeded generator as is; one saved on a
+    GPU is ignored by a CPU run. (Format 1 files before this kept a list of every GPU's.)"""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # every visible GPU's, by index: the first was the training one
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
