@@ -67,6 +67,9 @@ class QueueReporter:
         }
         self.outbox.put(("checkpoint", {**meta, "path": str(snapshot)}))
 
+    def log_line(self, text: str) -> None:
+        self.outbox.put(("log", [text]))
+
     def cancel_requested(self) -> bool:
         return self.cancel.is_set()
 

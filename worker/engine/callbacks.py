@@ -122,6 +122,7 @@ class Reporter(Protocol):
 
     def log_metrics(self, points: list[MetricPoint]) -> None: ...
     def log_checkpoint(self, info: CheckpointInfo) -> None: ...
+    def log_line(self, text: str) -> None: ...  # to the job's log (the device it trains on)
     def cancel_requested(self) -> bool: ...
 
 
@@ -130,6 +131,9 @@ class NullReporter:
         pass
 
     def log_checkpoint(self, info: CheckpointInfo) -> None:
+        pass
+
+    def log_line(self, text: str) -> None:
         pass
 
     def cancel_requested(self) -> bool:
