@@ -109,6 +109,11 @@ def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) 
 # many: a worker reports every second or so, and a chunk per report would leave a
 # days-long run with hundreds of thousands of tiny rows to read.
 CHUNK_POINTS = 4096
+# Only a small batch is appended to the last chunk: an append rewrites the chunk's
+# arrays whole (Postgres copies a changed value out of line, TOAST), so appending a
+# 1,000-point batch to a chunk of 3,000 writes 4,000 points' bytes, not 1,000. A batch
+# this big is a row of its own: a 1,000,000-point series so reported is 1,000 rows.
+APPEND_BELOW = 256
 
 
 def _write_chunks(
@@ -124,7 +129,12 @@ def _write_chunks(
         seen = latest.get(name) or {}
         tail = seen.get("chunk")  # [first_step, count, last_step] of the series' last chunk
         packed = _pack(job_id, name, points)
-        if tail and points[0][0] > tail[2] and tail[1] + len(points) <= CHUNK_POINTS:
+        if (
+            tail
+            and len(points) < APPEND_BELOW
+            and points[0][0] > tail[2]
+            and tail[1] + len(points) <= CHUNK_POINTS
+        ):
             stored.chunks[name] = tail[0]
             appends.append({**packed, "first_step": tail[0]})
             tails[name] = [tail[0], tail[1] + len(points), points[-1][0]]
