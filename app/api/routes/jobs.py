@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
@@ -25,6 +27,7 @@ from app.api.schemas import (
     JobPage,
     JobSummary,
     LogsOut,
+    MetricColumnsOut,
     MetricPointOut,
     ValidateOut,
 )
@@ -32,7 +35,7 @@ from app.async_reads import Coalesced
 from app.db import session_scope
 from app.errors import BadRequest, NotFound
 from app.ids import is_id
-from app.store import events, jobs, metrics
+from app.store import events, jobs, metric_stream, metrics
 from app.submission import check_spec, submit_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
@@ -156,7 +159,7 @@ def cancel(job_id: str, user: CurrentUser, session: SessionDep) -> JobOut:
 
 @shown.get(
     "/{job_id}/metrics",
-    response_model=dict[str, list[MetricPointOut]],
+    response_model=dict[str, list[MetricPointOut]] | dict[str, MetricColumnsOut],
     openapi_extra=BEARER,
 )
 async def metric_history(
@@ -172,26 +175,61 @@ async def metric_history(
         int | None,
         Query(ge=4, le=100_000, description="Downsample each series to at most this many points"),
     ] = None,
+    from_step: Annotated[
+        int | None, Query(ge=0, le=MAX_INT64, description="Only points with step >= from_step")
+    ] = None,
+    until_step: Annotated[
+        int | None, Query(ge=0, le=MAX_INT64, description="Only points with step <= until_step")
+    ] = None,
+    shape: Annotated[
+        Literal["points", "columnar"],
+        Query(
+            alias="format",
+            description="points: {name: [{step, epoch, value, time}]}; "
+            "columnar: {name: {step: [...], epoch: [...], value: [...], time: [...]}}",
+        ),
+    ] = "points",
 ) -> Response:
     """What a dashboard polls, with GET /jobs/{id}: reads made at the same moment with the
-    same question share one read and one rendering (see `histories`)."""
+    same question share one read and one rendering (see `histories`). Without max_points
+    the whole history is streamed, encoded as it is read (app/store/metric_stream.py)."""
     user = await authenticate(request)
     if not is_id(job_id):
         raise NotFound(f"no job {job_id!r}")
     wanted = tuple(sorted({n.strip() for n in (names or "").split(",") if n.strip()}))
-    key = (job_id, user.id, wanted, since_step, max_points)
+    if from_step is not None and (since_step is None or from_step - 1 > since_step):
+        since_step = from_step - 1
+    columnar = shape == "columnar"
+    if max_points is None:
+        stream = await run_in_threadpool(
+            functools.partial(
+                metric_stream.open_history,
+                request.app.state.read_sessions,
+                job_id,
+                user.id,
+                names=wanted,
+                since_step=since_step,
+                until_step=until_step,
+                columnar=columnar,
+            )
+        )
+        if stream is None:  # missing, or another user's: the same answer
+            raise NotFound(f"no job {job_id!r}")
+        return StreamingResponse(stream, media_type="application/json")
+    key = (job_id, user.id, wanted, since_step, max_points, until_step, columnar)
     body = await request.app.state.histories.get(key)
     if body is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
     return Response(body, media_type="application/json")
 
 
-HistoryKey = tuple[str, int, tuple[str, ...], int | None, int | None]
+HistoryKey = tuple[str, int, tuple[str, ...], int | None, int | None, int | None, bool]
 KEPT_HISTORIES = 1_000  # answers an API process keeps (see `histories`)
 
 
 def histories(state: Any) -> Coalesced[HistoryKey, bytes]:
-    """Answers of GET /jobs/{id}/metrics by (job, user, names, since_step, max_points),
+    """Answers of GET /jobs/{id}/metrics by (job, user, names, since_step, max_points,
+    until_step, columnar),
     coalesced (app.async_reads): the reads of a batch in one thread and transaction.
 
     An answer is kept with the id of the job's latest event when it was read, and
@@ -207,7 +245,7 @@ def histories(state: Any) -> Coalesced[HistoryKey, bytes]:
             found = jobs.owners(session, sorted({key[0] for key in keys}))
             out = {}
             for key in keys:
-                job_id, user_id, names, since_step, max_points = key
+                job_id, user_id, names, since_step, max_points, until_step, columnar = key
                 owner, version = found.get(job_id, (None, 0))
                 if owner != user_id:
                     continue
@@ -216,9 +254,14 @@ def histories(state: Any) -> Coalesced[HistoryKey, bytes]:
                     out[key] = hit[1]
                     continue
                 history = metrics.history(
-                    session, job_id, names=names, since_step=since_step, max_points=max_points
+                    session,
+                    job_id,
+                    names=names,
+                    since_step=since_step,
+                    until_step=until_step,
+                    max_points=max_points,
                 )
-                out[key] = orjson.dumps(history)
+                out[key] = orjson.dumps(metrics.columnar(history) if columnar else history)
                 if len(kept) >= KEPT_HISTORIES:
                     kept.clear()
                 kept[key] = (version, out[key])
