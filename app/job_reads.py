@@ -10,7 +10,7 @@ factory, so this layer does not import the API's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +19,15 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from app.async_reads import AsyncReads, Coalesced
-from app.db import Sessions, read_engine, session_scope
+from app.db import Sessions, make_read_sessions, read_engine, session_scope
 from app.event_stream import EventPolls
 from app.ids import is_id
-from app.store import jobs, metrics
+from app.store import jobs, metric_stream, metrics
 
 ShownKey = tuple[str, int]  # (job id, user id)
 RenderJob = Callable[[Any], bytes]  # a row of `jobs.shown_by_id` -> the JSON of GET /jobs/{id}
-HistoryKey = tuple[str, int, tuple[str, ...], int | None, int | None]
+# (job, user, names, since_step, max_points, until_step, columnar)
+HistoryKey = tuple[str, int, tuple[str, ...], int | None, int | None, int | None, bool]
 KEPT_HISTORIES = 1_000  # answers an API process keeps (see `MetricHistories`)
 
 
@@ -61,8 +62,10 @@ class ShownJobs:
 
 
 class MetricHistories:
-    """Answers of GET /jobs/{id}/metrics by (job, user, names, since_step, max_points),
-    coalesced (app.async_reads): the reads of a batch in one thread and transaction.
+    """Downsampled answers of GET /jobs/{id}/metrics by (job, user, names, since_step,
+    max_points, until_step, columnar), coalesced (app.async_reads): the reads of a
+    batch in one thread and transaction. A whole history (no max_points) is streamed
+    instead (`stream`), neither shared nor kept: an answer of any size cannot be.
 
     An answer is kept with the id of the job's latest event when it was read, and
     given again while that id is unchanged (a job's event ids grow in commit order,
@@ -71,8 +74,9 @@ class MetricHistories:
     a poll still sees everything committed before it.
     """
 
-    def __init__(self, sessions: Sessions, kept: int = KEPT_HISTORIES):
+    def __init__(self, sessions: Sessions, read_sessions: Sessions, kept: int = KEPT_HISTORIES):
         self._sessions = sessions
+        self._read_sessions = read_sessions
         self._most_kept = kept
         self._kept: dict[HistoryKey, tuple[int, bytes]] = {}
         self._batches: Coalesced[HistoryKey, bytes] = Coalesced(self._fetch, in_flight=2)
@@ -84,14 +88,41 @@ class MetricHistories:
         *,
         names: str | None = None,
         since_step: int | None = None,
-        max_points: int | None = None,
+        max_points: int,
+        until_step: int | None = None,
+        columnar: bool = False,
     ) -> bytes | None:
-        """The history as JSON (`names`: comma-separated, all when absent); None if the
-        job is missing or another user's."""
+        """The downsampled history as JSON (`names`: comma-separated, all when absent);
+        None if the job is missing or another user's."""
         if not is_id(job_id):
             return None
-        wanted = tuple(sorted({n.strip() for n in (names or "").split(",") if n.strip()}))
-        return await self._batches.get((job_id, user_id, wanted, since_step, max_points))
+        key = (job_id, user_id, wanted_names(names), since_step, max_points, until_step, columnar)
+        return await self._batches.get(key)
+
+    async def stream(
+        self,
+        job_id: str,
+        user_id: int,
+        *,
+        names: str | None = None,
+        since_step: int | None = None,
+        until_step: int | None = None,
+        columnar: bool = False,
+    ) -> Iterator[bytes] | None:
+        """The whole history's JSON in pieces, encoded as it is read
+        (app/store/metric_stream.py); None if the job is missing or another user's."""
+        if not is_id(job_id):
+            return None
+        return await run_in_threadpool(
+            metric_stream.open_history,
+            self._read_sessions,
+            job_id,
+            user_id,
+            names=wanted_names(names),
+            since_step=since_step,
+            until_step=until_step,
+            columnar=columnar,
+        )
 
     async def _fetch(self, keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
         return await run_in_threadpool(self._read, keys)
@@ -101,7 +132,7 @@ class MetricHistories:
             found = jobs.owners(session, sorted({key[0] for key in keys}))
             out = {}
             for key in keys:
-                job_id, user_id, names, since_step, max_points = key
+                job_id, user_id, names, since_step, max_points, until_step, columnar = key
                 owner, version = found.get(job_id, (None, 0))
                 if owner != user_id:
                     continue
@@ -110,13 +141,23 @@ class MetricHistories:
                     out[key] = hit[1]
                     continue
                 history = metrics.history(
-                    session, job_id, names=names, since_step=since_step, max_points=max_points
+                    session,
+                    job_id,
+                    names=names,
+                    since_step=since_step,
+                    until_step=until_step,
+                    max_points=max_points,
                 )
-                out[key] = orjson.dumps(history)
+                out[key] = orjson.dumps(metrics.columnar(history) if columnar else history)
                 if len(self._kept) >= self._most_kept:
                     self._kept.clear()
                 self._kept[key] = (version, out[key])
             return out
+
+
+def wanted_names(names: str | None) -> tuple[str, ...]:
+    """`names` of a history request (comma-separated; all when absent), as a key."""
+    return tuple(sorted({n.strip() for n in (names or "").split(",") if n.strip()}))
 
 
 @dataclass(frozen=True)
@@ -134,7 +175,7 @@ class ReadModels:
         return cls(
             async_reads=async_reads,
             jobs=ShownJobs(async_reads, read_engine(engine), render_job),
-            histories=MetricHistories(sessions),
+            histories=MetricHistories(sessions, make_read_sessions(engine)),
             events=EventPolls(sessions),
         )
 

@@ -59,17 +59,23 @@ def claim_job(session: Session, job_id: str, worker: str, settings: Settings) ->
 
 
 def record_metrics(
-    session: Session, ref: AttemptRef, points: list[dict[str, Any]], lease_s: float
+    session: Session, job: Job, points: list[dict[str, Any]], lease_s: float
 ) -> tuple[int, bool]:
-    """Store the points not stored yet; returns (how many were new, cancel requested)."""
-    job, _ = attempts.current(session, ref)
+    """Store the points not stored yet; returns (how many were new, cancel requested).
+    The caller holds the job's row lock (`attempts.lock_by_token`).
+
+    The job row's changes (lease, latest values, progress) go out as one UPDATE with
+    the event's INSERT, after the points' statements: each statement is a round trip
+    to the database, and per batch they cost more than the points themselves.
+    """
+    with session.no_autoflush:
+        new = metrics.insert_points(session, job, points)
     attempts.extend_lease(job, lease_s)
-    new = metrics.insert_points(session, job, points)
     if new.series:
+        _advance_progress(job, new.newest())
         # The event names the chunks the points went to; streams read them from there
         # (app.event_stream), so a batch of thousands of points is not stored twice.
         events.append(session, job.id, "metrics", {"chunks": new.chunk_keys()})
-        _advance_progress(job, new.newest())
     return new.count, job.cancel_requested
 
 

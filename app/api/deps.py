@@ -99,10 +99,16 @@ async def authenticate(request: Request) -> UserRef:
 
     Reads `Authorization: Bearer <token>` as HTTPBearer does (scheme case-insensitive).
     """
+    return await _user_of(request, bearer_token(request))
+
+
+def bearer_token(request: Request) -> str:
+    """The token of `Authorization: Bearer <token>`, read as HTTPBearer does (scheme
+    case-insensitive), for routes that authenticate themselves."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    return await _user_of(request, token.strip())
+    return token.strip()
 
 
 async def _user_of(request: Request, token: str) -> UserRef:

@@ -179,6 +179,15 @@ class MetricPointOut(TypedDict):
     time: float
 
 
+class MetricColumnsOut(TypedDict):
+    """A metric's history as columns (`format=columnar`): the i-th entries make a point."""
+
+    step: list[int]
+    epoch: list[int]
+    value: Annotated[list[float | None], Field(description="null for NaN or Inf")]
+    time: list[float]
+
+
 class CheckpointOut(BaseModel):
     id: int
     epoch: int

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, StaleAttempt
+from app.errors import Conflict, NotFound, StaleAttempt, Unauthorized
 from app.ids import hash_token, new_token
 from app.models import Attempt, Job, utcnow
 from app.store import events, jobs
@@ -100,6 +100,30 @@ def current(session: Session, ref: AttemptRef) -> tuple[Job, Attempt]:
     if attempt is None or not _is_current(attempt, job):
         raise StaleAttempt()
     return job, attempt
+
+
+def lock_by_token(session: Session, raw_token: str, job_id: str) -> Job:
+    """`resolve` and `current` in one statement, for the hottest report (metrics): the
+    token's job under its row lock, checked to be `job_id` and run by the token's attempt.
+
+    Unauthorized for an unknown token, NotFound for another job's, StaleAttempt for an
+    attempt that is no longer current (the same answers as the two calls).
+    """
+    row = session.execute(
+        select(Job, Attempt)
+        .join(Attempt, Attempt.job_id == Job.id)
+        .where(Attempt.token_hash == hash_token(raw_token))
+        .with_for_update(of=Job)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if row is None:
+        raise Unauthorized("invalid attempt token")
+    job, attempt = row
+    if not _is_current(attempt, job):
+        raise StaleAttempt()
+    if job.id != job_id:
+        raise NotFound(f"no job {job_id!r} for this attempt")
+    return job
 
 
 def _is_current(attempt: Attempt, job: Job) -> bool:

@@ -269,21 +269,29 @@ def read(
         yield row[0], _summary(row[1:])
 
 
-def cover(start: int, end: int, below: int) -> tuple[list[tuple[int, int]], int]:
-    """Stored blocks (level, bucket) of levels below `below` that tile [pos, end), and pos.
-
-    `end` is a multiple of 2**below. Blocks are taken from the end down, the widest
-    that fit first, so the steps left, [start, pos), are fewer than 2**LEVELS[0]:
-    those are read raw.
-    """
+def tiling(start: int, end: int, below: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Stored blocks (level, bucket) of levels below `below` that tile [inner_start,
+    inner_end), and those two: the steps left at the ends, [start, inner_start) and
+    [inner_end, end), are fewer than 2**LEVELS[0] each (read raw). Blocks are taken
+    from inner_start up, the widest aligned one that fits first: a few per level."""
+    finest = 1 << LEVELS[0]
+    inner_start = -(-start // finest) * finest
+    inner_end = end // finest * finest
+    if inner_start >= inner_end:
+        return [], end, end  # fewer than two finest blocks' worth: all raw
+    levels = [lv for lv in reversed(LEVELS) if lv < below]
+    if not levels:
+        return [], end, end
     blocks = []
-    pos = end
-    for level in reversed([lv for lv in LEVELS if lv < below]):
-        width = 1 << level
-        while pos - width >= start:
-            pos -= width
-            blocks.append((level, pos >> level))
-    return blocks, pos
+    pos = inner_start
+    while pos < inner_end:
+        for level in levels:
+            width = 1 << level
+            if pos % width == 0 and pos + width <= inner_end:
+                blocks.append((level, pos >> level))
+                pos += width
+                break
+    return blocks, inner_start, inner_end
 
 
 def read_blocks(

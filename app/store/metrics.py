@@ -109,6 +109,11 @@ def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) 
 # many: a worker reports every second or so, and a chunk per report would leave a
 # days-long run with hundreds of thousands of tiny rows to read.
 CHUNK_POINTS = 4096
+# Only a small batch is appended to the last chunk: an append rewrites the chunk's
+# arrays whole (Postgres copies a changed value out of line, TOAST), so appending a
+# 1,000-point batch to a chunk of 3,000 writes 4,000 points' bytes, not 1,000. A batch
+# this big is a row of its own: a 1,000,000-point series so reported is 1,000 rows.
+APPEND_BELOW = 256
 
 
 def _write_chunks(
@@ -124,7 +129,12 @@ def _write_chunks(
         seen = latest.get(name) or {}
         tail = seen.get("chunk")  # [first_step, count, last_step] of the series' last chunk
         packed = _pack(job_id, name, points)
-        if tail and points[0][0] > tail[2] and tail[1] + len(points) <= CHUNK_POINTS:
+        if (
+            tail
+            and len(points) < APPEND_BELOW
+            and points[0][0] > tail[2]
+            and tail[1] + len(points) <= CHUNK_POINTS
+        ):
             stored.chunks[name] = tail[0]
             appends.append({**packed, "first_step": tail[0]})
             tails[name] = [tail[0], tail[1] + len(points), points[-1][0]]
@@ -183,10 +193,10 @@ def _unpack(arrays: Sequence[bytes]) -> list[Point]:
     steps, epochs, values, times = (
         np.frombuffer(blob, dtype) for blob, dtype in zip(arrays, DTYPES.values(), strict=True)
     )
-    return _as_points(steps, epochs, values, times)
+    return as_points(steps, epochs, values, times)
 
 
-def _as_points(steps: Any, epochs: Any, values: Any, times: Any) -> list[Point]:
+def as_points(steps: Any, epochs: Any, values: Any, times: Any) -> list[Point]:
     """Points from the arrays (NaN back to null)."""
     nulls = np.isnan(values)
     value_list: list[float | None] = values.tolist()
@@ -258,9 +268,11 @@ def history(
     *,
     names: Collection[str] = (),
     since_step: int | None = None,
+    until_step: int | None = None,
     max_points: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Points per name by step; with `max_points`, each series is cut to at most that many.
+    """Points per name by step, since_step < step <= until_step; with `max_points`, each
+    series (within that range) is cut to at most that many.
 
     A series longer than `max_points` is split into aligned buckets of 2**k steps
     (the smallest k that gives at most max_points/4 buckets over its steps), and
@@ -279,6 +291,8 @@ def history(
         ranges = ranges.where(CHUNKS.c.name.in_(list(names)))
     if since_step is not None:
         ranges = ranges.where(CHUNKS.c.last_step > since_step)
+    if until_step is not None:
+        ranges = ranges.where(CHUNKS.c.first_step <= until_step)
     spans: dict[str, tuple[int, int, int]] = {}  # name -> (points, first step, last step)
     for name, count, first, last in session.execute(ranges):
         seen = spans.get(name)
@@ -288,16 +302,27 @@ def history(
             else (seen[0] + count, min(seen[1], first), max(seen[2], last))
         )
     whole = [n for n, span in spans.items() if max_points is None or span[0] <= max_points]
+    before = None if until_step is None else until_step + 1
     out = {
-        name: [_point(p) for p in pts] for name, pts in _series(session, job_id, whole, since_step)
+        name: [_point(p) for p in pts]
+        for name, pts in _series(session, job_id, whole, since_step, before)
     }
     for name, span in spans.items():
         if name not in whole and max_points is not None:
-            # without since_step the span is exact: no need to read the head for it
-            known = span if since_step is None else None
-            points = _downsampled(session, job_id, name, since_step, max_points, known)
+            # without a step range the span is exact: no need to read the head for it
+            known = span if since_step is None and until_step is None else None
+            points = _downsampled(session, job_id, name, since_step, until_step, max_points, known)
             out[name] = [_point(p) for p in points]
     return {name: out[name] for name in sorted(out) if out[name]}
+
+
+def columnar(history: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[Any]]]:
+    """`history`'s answer as columns, what chart libraries take:
+    {name: {"step": [...], "epoch": [...], "value": [...], "time": [...]}}."""
+    return {
+        name: {key: [p[key] for p in points] for key in ("step", "epoch", "value", "time")}
+        for name, points in history.items()
+    }
 
 
 def _point(p: Sequence[Any]) -> dict[str, Any]:
@@ -305,9 +330,9 @@ def _point(p: Sequence[Any]) -> dict[str, Any]:
 
 
 def _series(
-    session: Session, job_id: str, names: list[str], after: int | None
+    session: Session, job_id: str, names: list[str], after: int | None, before: int | None
 ) -> Iterator[tuple[str, list[Point]]]:
-    """The whole series of each of `names` past `after`, in one query."""
+    """The whole series of each of `names`, after < step < before, in one query."""
     if not names:
         return
     stmt = select(
@@ -315,9 +340,11 @@ def _series(
     ).where(CHUNKS.c.job_id == job_id, CHUNKS.c.name.in_(names))
     if after is not None:
         stmt = stmt.where(CHUNKS.c.last_step > after)
+    if before is not None:
+        stmt = stmt.where(CHUNKS.c.first_step < before)
     rows = session.execute(stmt.order_by(CHUNKS.c.name, CHUNKS.c.first_step))
     for name, group in itertools.groupby(rows, key=lambda row: row[0]):
-        yield name, _merged([tuple(row[1:]) for row in group], after=after)
+        yield name, _merged([tuple(row[1:]) for row in group], after=after, before=before)
 
 
 def _merged(
@@ -331,25 +358,40 @@ def _merged(
     at most `limit`."""
     if not parts:
         return []
+    return as_points(*merged_arrays(parts, after=after, before=before, limit=limit))
+
+
+def merged_arrays(
+    parts: Sequence[Sequence[bytes]],
+    *,
+    after: int | None = None,
+    before: int | None = None,
+    limit: int | None = None,
+    dtypes: Sequence[str] = tuple(DTYPES.values()),
+) -> list[np.ndarray]:
+    """`_merged` as arrays: the columns of `dtypes` (steps first), from rows of the chunks'
+    packed columns in that order."""
     arrays = [
-        [np.frombuffer(blob, dtype) for blob, dtype in zip(row, DTYPES.values(), strict=True)]
+        [np.frombuffer(blob, dtype) for blob, dtype in zip(row, dtypes, strict=True)]
         for row in parts
     ]
-    steps, epochs, values, times = (np.concatenate(column) for column in zip(*arrays, strict=True))
+    columns = [np.concatenate(column) for column in zip(*arrays, strict=True)]
+    steps = columns[0]
     if len(steps) > 1 and not bool(np.all(steps[1:] > steps[:-1])):
         # chunks of late or overlapping batches interleave with others
         order = np.argsort(steps, kind="stable")
-        steps, epochs, values, times = steps[order], epochs[order], values[order], times[order]
+        columns = [column[order] for column in columns]
+        steps = columns[0]
     keep = np.ones(len(steps), dtype=bool)
     if after is not None:
         keep &= steps > after
     if before is not None:
         keep &= steps < before
     if not keep.all():
-        steps, epochs, values, times = steps[keep], epochs[keep], values[keep], times[keep]
+        columns = [column[keep] for column in columns]
     if limit is not None:
-        steps, epochs, values, times = steps[:limit], epochs[:limit], values[:limit], times[:limit]
-    return _as_points(steps, epochs, values, times)
+        columns = [column[:limit] for column in columns]
+    return columns
 
 
 def _points(
@@ -409,25 +451,43 @@ def _last_step(session: Session, job_id: str, name: str) -> int | None:
     return session.execute(stmt).scalar_one()
 
 
+def _last_step_upto(session: Session, job_id: str, name: str, until: int) -> int:
+    """The series' last step <= until (there is one). It lies in a chunk starting at or
+    after the last chunk start <= until (chunks of late batches may overlap)."""
+    where = [CHUNKS.c.job_id == job_id, CHUNKS.c.name == name, CHUNKS.c.first_step <= until]
+    last_start = select(func.max(CHUNKS.c.first_step)).where(*where).scalar_subquery()
+    stmt = select(CHUNKS.c.steps).where(*where, CHUNKS.c.last_step >= last_start)
+    found = []
+    for (blob,) in session.execute(stmt):
+        steps = np.frombuffer(blob, DTYPES["steps"])
+        found.extend(steps[steps <= until][-1:].tolist())  # a chunk's steps increase
+    return max(found)
+
+
 def _downsampled(
     session: Session,
     job_id: str,
     name: str,
     since_step: int | None,
+    until_step: int | None,
     max_points: int,
     known: tuple[int, int, int] | None = None,
 ) -> list[Point]:
     """`known`: the whole series' (points, first step, last step), when the caller has it."""
+    before = None if until_step is None else until_step + 1
     if known is not None and known[0] > max_points:
         lo, hi = known[1], known[2]
     else:
-        head = _points(session, job_id, name, after=since_step, limit=max_points + 1)
+        head = _points(session, job_id, name, after=since_step, before=before, limit=max_points + 1)
         if len(head) <= max_points:
             return head  # short enough already: every point
         lo = head[0][0]
         last = _last_step(session, job_id, name)
         assert last is not None  # head is not empty
-        hi = last
+        if until_step is None or last <= until_step:
+            hi = last
+        else:
+            hi = _last_step_upto(session, job_id, name, until_step)
     budget = max(1, max_points // 4)
     k = 0
     while (hi >> k) - (lo >> k) + 1 > budget:
@@ -437,28 +497,46 @@ def _downsampled(
         raw = _points(session, job_id, name, after=since_step, before=hi + 1)
         buckets = metric_rollups.regrouped(metric_rollups.bucketed(raw, 0), k)
     else:
-        first_block = lo >> level
-        blocks = list(metric_rollups.read(session, job_id, name, level, first_block, hi >> level))
-        starts_before = since_step is not None and (first_block << level) <= since_step
-        if starts_before and blocks and blocks[0][0] == first_block:
-            # the first stored block may hold points at or before since_step: rebuild
-            # it from finer blocks and raw points of (since_step, its end)
-            blocks[0] = (first_block, _range_summary(session, job_id, name, lo, first_block, level))
-        buckets = metric_rollups.regrouped(blocks, k - level)
+        first_block, last_block = lo >> level, hi >> level
+        blocks = dict(metric_rollups.read(session, job_id, name, level, first_block, last_block))
+        # A stored block that reaches past the range (before since_step, after until_step)
+        # holds points outside it: rebuild it from finer blocks and raw points.
+        start = since_step + 1 if since_step is not None else 0
+        end = until_step + 1 if until_step is not None else None
+        for block in {first_block, last_block}:
+            lo_cut = start > block << level
+            hi_cut = end is not None and end < (block + 1) << level
+            if block in blocks and (lo_cut or hi_cut):
+                cut = _span_summary(
+                    session,
+                    job_id,
+                    name,
+                    max(start, block << level),
+                    min(end, (block + 1) << level) if end is not None else (block + 1) << level,
+                    level,
+                )
+                if cut is None:
+                    del blocks[block]
+                else:
+                    blocks[block] = cut
+        buckets = metric_rollups.regrouped(sorted(blocks.items()), k - level)
     return [p for _, summary in sorted(buckets.items()) for p in summary.points()]
 
 
-def _range_summary(
-    session: Session, job_id: str, name: str, lo: int, block: int, level: int
-) -> metric_rollups.Summary:
-    """The summary of steps [lo, end of `block` at `level`), from stored blocks and raw points."""
-    end = (block + 1) << level
-    pieces, pos = metric_rollups.cover(lo, end, level)
+def _span_summary(
+    session: Session, job_id: str, name: str, start: int, end: int, below: int
+) -> metric_rollups.Summary | None:
+    """The summary of steps [start, end) (within one block at level `below`), from stored
+    blocks of finer levels and raw points at its ragged ends; None when it holds no point."""
+    pieces, inner_start, inner_end = metric_rollups.tiling(start, end, below)
     parts = metric_rollups.read_blocks(session, job_id, name, pieces)
-    if pos > lo:
-        raw = _points(session, job_id, name, after=lo - 1, before=pos)
-        if raw:
-            parts.append(metric_rollups.Summary.of(raw))
+    for lo, hi in ((start, inner_start), (inner_end, end)):
+        if hi > lo:
+            raw = _points(session, job_id, name, after=lo - 1, before=hi)
+            if raw:
+                parts.append(metric_rollups.Summary.of(raw))
+    if not parts:
+        return None
     summary = parts[0]
     for part in parts[1:]:
         summary = summary.merge(part)

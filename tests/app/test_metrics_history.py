@@ -13,7 +13,7 @@ from sqlalchemy import MetaData, Table, insert, select
 from app.db import make_engine, make_sessions, session_scope
 from app.migrate import alembic_config, upgrade
 from app.models import MetricRollup, utcnow
-from app.store import metric_rollups, metrics
+from app.store import jobs, metric_rollups, metrics
 from tests.app.conftest import claim, points
 
 
@@ -29,12 +29,21 @@ def test_history_filters_by_name_and_step(server, user, queued_job):
 
 
 def expected(
-    series: list[dict[str, Any]], max_points: int, since_step: int | None = None
+    series: list[dict[str, Any]],
+    max_points: int,
+    since_step: int | None = None,
+    until_step: int | None = None,
 ) -> list[dict[str, Any]]:
     """The downsampling contract, by brute force: buckets of 2**k aligned steps, the
-    smallest k giving at most max_points // 4 of them over the series' steps; each
-    keeps its first, last, lowest and highest point (nulls last, ties: earliest)."""
-    kept = [p for p in series if since_step is None or p["step"] > since_step]
+    smallest k giving at most max_points // 4 of them over the series' steps in the
+    range; each keeps its first, last, lowest and highest point (nulls last, ties:
+    earliest)."""
+    kept = [
+        p
+        for p in series
+        if (since_step is None or p["step"] > since_step)
+        and (until_step is None or p["step"] <= until_step)
+    ]
     if len(kept) <= max_points:
         return kept
     lo, hi, k = kept[0]["step"], kept[-1]["step"], 0
@@ -139,6 +148,122 @@ def test_downsampling_is_the_same_for_any_batching_and_retried_batches(server, u
             for attempt in (whole, pieces):
                 got = user.get(f"/jobs/{attempt.job_id}/metrics", params=params).json()
                 assert got.get("loss", []) == want, (max_points, since_step)
+
+    # a zoom: a step range at full resolution, downsampled within it (its edges cut
+    # stored buckets, which are rebuilt from finer ones and raw points)
+    ranges = [(0, 63), (100, 5000), (1234, 1300), (4097, 4200), (3000, 5999), (5990, 9000)]
+    for max_points in (4, 40, 1000):
+        for from_step, until_step in ranges:
+            params = {"max_points": max_points, "from_step": from_step, "until_step": until_step}
+            want = expected(series, max_points, from_step - 1, until_step)
+            for attempt in (whole, pieces):
+                got = user.get(f"/jobs/{attempt.job_id}/metrics", params=params).json()
+                assert got.get("loss", []) == want, (max_points, from_step, until_step)
+    # the full history of a range, streamed, is the same points
+    for from_step, until_step in ranges:
+        params = {"from_step": from_step, "until_step": until_step}
+        want = [p for p in series if from_step <= p["step"] <= until_step]
+        for attempt in (whole, pieces):
+            got = user.get(f"/jobs/{attempt.job_id}/metrics", params=params).json()
+            assert got.get("loss", []) == want, (from_step, until_step)
+
+
+def columns(history: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[Any]]]:
+    return {
+        name: {key: [p[key] for p in pts] for key in ("step", "epoch", "value", "time")}
+        for name, pts in history.items()
+    }
+
+
+def test_streamed_and_columnar_histories_equal_the_points_answer(
+    server, user, queued_job, monkeypatch
+):
+    """A full history is streamed a page at a time (pages of 700 points here, so a series
+    spans many, and late batches overlap others); the points and the columnar answers,
+    streamed or downsampled, hold the same steps and values as the points answer."""
+    from app.store import metric_stream
+
+    monkeypatch.setattr(metric_stream, "PAGE_POINTS", 700)
+    rng = random.Random(3)
+    n = 5000
+    values: list[float | None] = [rng.gauss(0, 1) for _ in range(n)]
+    for i in rng.sample(range(n), 50):
+        values[i] = None
+    attempt = claim(server, queued_job["id"])
+    batches = [(start, 400) for start in range(0, n, 400)]
+    late = batches.pop(3)  # reported last: its chunk lies among the others
+    for start, size in [*batches, late]:
+        body = points(*values[start : start + size], start=start) + points(
+            *values[start : start + size // 2], name="acc", start=2 * start
+        )
+        if start == 0:  # steps 100..199 come last: their chunk lies inside this one's range
+            body = [p for p in body if not (p["name"] == "loss" and 100 <= p["step"] < 200)]
+        attempt.post("metrics", {"points": body})
+    attempt.post("metrics", {"points": points(*values[100:200], start=100)})
+    # small batches appended to the last chunk, and one that overlaps stored steps
+    for start in range(n, n + 50, 10):
+        attempt.post("metrics", {"points": points(*[0.5] * 10, start=start)})
+    attempt.post("metrics", {"points": points(*values[4990:], 1.0, start=4990)})
+    want = {
+        "acc": [
+            p
+            for start, size in [*batches, late]
+            for p in stored(values[start : start + size // 2], start=2 * start)
+        ],
+        "loss": stored([*values, *[0.5] * 50]),
+    }
+    want["acc"].sort(key=lambda p: p["step"])
+
+    url = f"/jobs/{queued_job['id']}/metrics"
+    response = user.get(url)
+    assert response.headers.get("transfer-encoding") == "chunked"  # streamed, no length
+    assert response.json() == want
+    assert user.get(url, params={"max_points": 100_000}).json() == want  # the kept path
+    assert user.get(url, params={"format": "columnar"}).json() == columns(want)
+    for max_points in (40, 100_000):
+        params: dict[str, Any] = {"max_points": max_points}
+        sampled = user.get(url, params=params).json()
+        got = user.get(url, params={**params, "format": "columnar"}).json()
+        assert got == columns(sampled)
+    for params in ({"names": "acc"}, {"since_step": 4321}, {"from_step": 700, "until_step": 2099}):
+        points_answer = user.get(url, params={**params, "max_points": 100_000}).json()
+        assert user.get(url, params=params).json() == points_answer
+        assert user.get(url, params={**params, "format": "columnar"}).json() == columns(
+            points_answer
+        )
+    # a range with no point leaves the series out, as the short answer does
+    assert list(user.get(url, params={"from_step": 5060}).json()) == ["acc"]
+    for shape in ("points", "columnar"):
+        params = {"from_step": 10_000, "format": shape}
+        assert user.get(url, params=params).json() == {}
+    assert user.get(url, params={"format": "table"}).status_code == 422
+
+
+def test_a_full_history_is_encoded_a_page_at_a_time(server, user, queued_job, monkeypatch):
+    """The streamed answer is a generator of pieces, each about a page (plus a write's
+    worth of small pieces): what a read holds in memory does not grow with the series."""
+    from app.store import metric_stream
+
+    monkeypatch.setattr(metric_stream, "PAGE_POINTS", 1000)
+    monkeypatch.setattr(metric_stream, "WRITE_BYTES", 1)
+    attempt = claim(server, queued_job["id"])
+    n = 20_000
+    for start in range(0, n, 2000):
+        attempt.post(
+            "metrics", {"points": points(*[1.0 / (i + 1) for i in range(2000)], start=start)}
+        )
+    job_id = queued_job["id"]
+    sessions = server.app.state.read_sessions
+    with session_scope(server.sessions) as session:
+        owner = jobs.owners(session, [job_id])[job_id][0]
+    for columnar in (False, True):
+        pieces = metric_stream.open_history(sessions, job_id, owner, columnar=columnar)
+        assert pieces is not None
+        sizes = [len(piece) for piece in pieces]
+        assert len(sizes) >= 10
+        page_bytes = 2000 * 80  # a page (a chunk of 2,000 points) of the longest encoding
+        assert max(sizes) <= page_bytes, sizes
+    assert metric_stream.open_history(sessions, job_id, owner + 1) is None
 
 
 def test_downsampled_history_lists_every_metric_when_no_names_are_given(server, user, queued_job):
@@ -315,5 +440,8 @@ def test_a_history_is_read_again_only_after_the_job_reported_and_never_stale(
     assert user.get(url, params={"max_points": 100}).json() == after
     assert len(reads) == 3
     # another question is another answer
-    assert user.get(url, params={"names": "loss"}).json() == after
+    assert user.get(url, params={"names": "loss", "max_points": 100}).json() == after
+    assert len(reads) == 4
+    # a full history is streamed from the chunks, not kept: an answer of any size
+    assert user.get(url).json() == after
     assert len(reads) == 4

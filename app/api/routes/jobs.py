@@ -7,6 +7,7 @@ import binascii
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import (
     CurrentUser,
@@ -24,6 +25,7 @@ from app.api.schemas import (
     JobPage,
     JobSummary,
     LogsOut,
+    MetricColumnsOut,
     MetricPointOut,
     ValidateOut,
 )
@@ -132,7 +134,7 @@ def cancel(job_id: str, user: CurrentUser, session: SessionDep) -> JobOut:
 
 @shown.get(
     "/{job_id}/metrics",
-    response_model=dict[str, list[MetricPointOut]],
+    response_model=dict[str, list[MetricPointOut]] | dict[str, MetricColumnsOut],
     openapi_extra=BEARER,
 )
 async def metric_history(
@@ -148,13 +150,36 @@ async def metric_history(
         int | None,
         Query(ge=4, le=100_000, description="Downsample each series to at most this many points"),
     ] = None,
+    from_step: Annotated[
+        int | None, Query(ge=0, le=MAX_INT64, description="Only points with step >= from_step")
+    ] = None,
+    until_step: Annotated[
+        int | None, Query(ge=0, le=MAX_INT64, description="Only points with step <= until_step")
+    ] = None,
+    shape: Annotated[
+        Literal["points", "columnar"],
+        Query(
+            alias="format",
+            description="points: {name: [{step, epoch, value, time}]}; "
+            "columnar: {name: {step: [...], epoch: [...], value: [...], time: [...]}}",
+        ),
+    ] = "points",
 ) -> Response:
     """What a dashboard polls, with GET /jobs/{id}: reads made at the same moment with the
-    same question share one read and one rendering."""
+    same question share one read and one rendering. Without max_points the whole
+    history is streamed, encoded as it is read."""
     user = await authenticate(request)
-    body = await read_models(request).histories.get(
-        job_id, user.id, names=names, since_step=since_step, max_points=max_points
-    )
+    if from_step is not None and (since_step is None or from_step - 1 > since_step):
+        since_step = from_step - 1  # from_step is inclusive, since_step exclusive
+    histories = read_models(request).histories
+    range_ = {"names": names, "since_step": since_step, "until_step": until_step}
+    columnar = shape == "columnar"
+    if max_points is None:
+        stream = await histories.stream(job_id, user.id, **range_, columnar=columnar)
+        if stream is None:  # missing, or another user's: the same answer
+            raise NotFound(f"no job {job_id!r}")
+        return StreamingResponse(stream, media_type="application/json")
+    body = await histories.get(job_id, user.id, **range_, max_points=max_points, columnar=columnar)
     if body is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
     return Response(body, media_type="application/json")
