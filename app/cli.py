@@ -328,23 +328,67 @@ def serve(
         print(f"your token (shown once):\n  export TORCHYARD_TOKEN={token}", flush=True)
     else:
         console.print("token: the one shown at first start, or $TORCHYARD_TOKEN", highlight=False)
+    # Open SSE streams would otherwise hold a shutdown until they end.
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=1
+    )
     try:
-        # Open SSE streams would otherwise hold a shutdown until they end.
-        uvicorn.run(
-            create_app(settings),
-            host=host,
-            port=port,
-            log_level="warning",
-            timeout_graceful_shutdown=3,
-        )
+        _workers_first_server()(config, procs).run()
     finally:
-        for proc in procs:
+        _stop_workers(procs)
+
+
+# A stopping worker hands its job back within worker.task.STOP_GRACE_S (3 s), then
+# Celery shuts down; serve must be gone within 5 s of Ctrl-C.
+WORKERS_STOP_S = 3.5
+
+
+def _stop_workers(procs: list[Any]) -> None:
+    """SIGTERM (a warm shutdown: the running job is handed back), then SIGKILL if need be.
+
+    A killed worker's training child dies with it (worker.task._die_with_parent)."""
+    import subprocess
+    import time
+
+    for proc in procs:
+        if proc.poll() is None:
             proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    deadline = time.monotonic() + WORKERS_STOP_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _workers_first_server() -> Any:
+    import threading
+
+    import uvicorn
+
+    class WorkersFirst(uvicorn.Server):
+        """On SIGINT/SIGTERM, stops the workers before the API: their last reports and
+        the release of their jobs need the API. A second Ctrl-C stops at once."""
+
+        def __init__(self, config: Any, procs: list[Any]):
+            super().__init__(config)
+            self.procs = procs
+            self.stopping: threading.Thread | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.stopping is not None:
+                super().handle_exit(sig, frame)
+                return
+
+            def workers_then_api() -> None:
+                _stop_workers(self.procs)
+                super(WorkersFirst, self).handle_exit(sig, None)
+
+            self.stopping = threading.Thread(target=workers_then_api, daemon=True)
+            self.stopping.start()
+
+    return WorkersFirst
 
 
 def _die_with_parent() -> None:
