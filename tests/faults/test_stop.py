@@ -338,7 +338,7 @@ def test_a_sigkilled_worker_leaves_no_orphan_and_the_next_worker_finishes_its_jo
 
     worker = stack.workers["w0"]
     training = training_processes(worker.pid)
-    assert training
+    assert training, [(p, cmdline(p)) for p in descendants(worker.pid)]
     since = time.monotonic()
     os.kill(worker.pid, signal.SIGKILL)  # the worker's process alone: nothing else is told
     worker.wait()
