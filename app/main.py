@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.include_router(worker.claims, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.reports, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
+    app.include_router(worker.releases, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     # the conventional unprefixed probes, for load balancers and Prometheus
     app.include_router(health.router, include_in_schema=False)
 

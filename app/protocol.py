@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.artifacts import ArtifactStore, TempFile
 from app.config import Settings
 from app.db import Sessions, session_scope
+from app.dispatch import Dispatcher, send_after_commit
 from app.errors import BadRequest
 from app.models import Checkpoint, Job
 from app.store import attempts, checkpoints, datasets, events, metrics
@@ -86,6 +87,18 @@ def _advance_progress(job: Job, newest: Point) -> None:
     if step > progress.get("step", -1):
         progress.update(step=step, epoch=epoch)
         job.progress = progress
+
+
+def release_attempt(session: Session, dispatcher: Dispatcher, ref: AttemptRef, reason: str) -> Job:
+    """The worker stops before the job ends: requeue it now and wake a worker after commit.
+
+    Without the wake-up the job would wait for the reconciler's re-send of lost
+    messages (`requeue_after_s`); with it, a worker resumes it at once.
+    """
+    released = attempts.release(session, ref, reason[:200])
+    if released.requeued:
+        send_after_commit(session, dispatcher, released.job.id, released.job.queue)
+    return released.job
 
 
 def record_logs(session: Session, ref: AttemptRef, lines: list[str], lease_s: float) -> None:

@@ -116,6 +116,15 @@ class WorkerClient:
             json={"status": status, "result": result},
         )
 
+    def release(self, job_id: str, reason: str, *, timeout: float | None = None) -> None:
+        """Hand the job back (this worker is stopping): queued now, resumed by the next one."""
+        self._request(
+            "POST",
+            f"/api/v1/worker/jobs/{job_id}/release",
+            json={"reason": reason},
+            **({"timeout": timeout} if timeout is not None else {}),
+        )
+
     def download(self, url: str, dest: Path, sha256: str | None = None) -> Path:
         """Stream a file to `dest` through a temp name; check its sha256 when given."""
         dest.parent.mkdir(parents=True, exist_ok=True)

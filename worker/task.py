@@ -2,16 +2,30 @@
 
 Training runs in a child process so a segfault, an OOM kill or a cancel ends
 that job and not the worker. The parent only moves reports and heartbeats.
+
+Lifecycle: the child dies with the worker, however the worker dies
+(`_die_with_parent`). A worker told to stop (SIGTERM, or Ctrl-C: Celery's warm
+shutdown calls `request_stop`) does not wait for the job to end: it sends the
+child SIGTERM, the child saves a mid-epoch `last.pt` at its next optimizer step
+and exits, the parent uploads it and releases the job (`queued` at once; the
+next worker resumes it bit-exactly), all within `STOP_GRACE_S`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +39,38 @@ log = logging.getLogger("torchyard.worker")
 
 FORMAT_SUFFIX = {"npz": ".npz", "npy": ".npy", "csv": ".csv", "parquet": ".parquet"}
 FINISH_RETRY_S = 600.0
+# From the stop signal to the job released. `serve` and `worker` must be gone within
+# 5 s of SIGINT or SIGTERM, and Docker sends SIGKILL 10 s after SIGTERM; the rest is
+# Celery's own shutdown.
+STOP_GRACE_S = 3.0
+# How long the child gets to reach its next optimizer step and save; then it is
+# killed and the job resumes from its last epoch's checkpoint instead.
+PREEMPT_GRACE_S = 2.0
+RELEASE_TIMEOUT_S = 1.0
+STOPPING = "stopping"
+PR_SET_PDEATHSIG = 1
+
+
+class _StopRequest:
+    """Set once when the worker shuts down. Set from a signal handler: plain attributes only."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.reason = ""
+
+    def __bool__(self) -> bool:
+        return self.at is not None
+
+
+stop_requested = _StopRequest()
+
+
+def request_stop(reason: str) -> None:
+    """The worker is shutting down: its running job is preempted and handed back.
+
+    Safe to call from a signal handler (no locks, no logging)."""
+    if stop_requested.at is None:
+        stop_requested.reason, stop_requested.at = reason, time.monotonic()
 
 
 def train_in_child(
@@ -34,25 +80,96 @@ def train_in_child(
     resume: bool,
     outbox: Any,
     cancel: Any,
+    parent_pid: int | None = None,
 ) -> None:
-    """Entry point of the training child (spawned: no state shared with the parent)."""
-    from worker.engine.spec import parse_spec
-    from worker.engine.train import run_job
+    """Entry point of the training child (spawned: no state shared with the parent).
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    spec = pin_to_worker_gpu(parse_spec(spec_doc), os.environ.get("TORCHYARD_GPU"))
-    path = Path(run_dir)
-    result = run_job(
-        spec,
-        path,
-        resolve=lambda ref: Path(datasets[ref]),
-        reporter=QueueReporter(outbox, cancel, path),
-        callbacks=[ProgressToQueue(outbox)],
-        resume=resume,
-    )
+    Ends the process itself once its reports are flushed (`_exit_now`)."""
+    _die_with_parent(parent_pid or os.getppid())
+    # A spawned process inherits "spawn" as its default start method: the DataLoader's
+    # workers would each import torch anew and get the dataset pickled (seconds, and a
+    # copy per worker). Back to this platform's default (fork on Linux), as in any run.
+    multiprocessing.set_start_method(None, force=True)
+    # Ctrl-C reaches the whole process group: the parent decides when we stop. DataLoader
+    # workers forked from here inherit the ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    preempt = threading.Event()  # SIGTERM from the parent: save a mid-epoch last.pt, exit
+    signal.signal(signal.SIGTERM, lambda *_: preempt.set())
+    try:
+        from worker.engine.spec import parse_spec
+        from worker.engine.train import run_job
+
+        spec = pin_to_worker_gpu(parse_spec(spec_doc), os.environ.get("TORCHYARD_GPU"))
+        path = Path(run_dir)
+        result = run_job(
+            spec,
+            path,
+            resolve=lambda ref: Path(datasets[ref]),
+            reporter=QueueReporter(outbox, cancel, path),
+            callbacks=[ProgressToQueue(outbox)],
+            resume=resume,
+            preempt=preempt.is_set,
+        )
+    except BaseException as exc:
+        # Anything run_job let through: one line for the job's error, the traceback
+        # for its log (the worker's stderr is not the user's to read).
+        error = f"training process failed: {type(exc).__name__}: {_first_line(exc)}"
+        outbox.put(("log", [error, *traceback.format_exc().rstrip().splitlines()]))
+        outbox.put(("result", {"status": "failed", "error": error}))
+        _exit_now(outbox, 1)
     if result.error:
         outbox.put(("log", [f"failed: {result.error}"]))
     outbox.put(("result", result.as_dict()))
+    _exit_now(outbox, 0)
+
+
+def _exit_now(outbox: Any, code: int) -> None:
+    """Flush the reports, end our DataLoader workers, and exit without the interpreter's
+    teardown: with torch loaded it takes seconds (4 s measured), which a stopping worker
+    does not have, and every finished job waited for."""
+    children = multiprocessing.active_children()
+    for proc in children:
+        proc.terminate()
+    for proc in children:
+        proc.join(timeout=1)
+        if proc.is_alive():
+            proc.kill()
+    outbox.close()
+    outbox.join_thread()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this process when the worker that started it dies, however it dies.
+
+    A training child left behind keeps its GPU busy and reports to nobody, even
+    after another worker resumed its job. On Linux the kernel sends SIGKILL the
+    moment the parent (the thread that started us) exits, even by SIGKILL; everywhere,
+    a thread watches the parent's end of the spawn pipe, which closes when it dies.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # no prctl: not Linux
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        threading.Thread(
+            target=_exit_when_closed, args=(parent.sentinel,), name="parent-watch", daemon=True
+        ).start()
+
+
+def _exit_when_closed(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def pin_to_worker_gpu(spec: Any, gpu: str | None) -> Any:
@@ -64,7 +181,12 @@ def pin_to_worker_gpu(spec: Any, gpu: str | None) -> Any:
 
 
 def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
-    """Run one job to the end; returns a word for Celery's log. Never raises for a job's failure."""
+    """Run one job to the end; returns a word for Celery's log. Never raises for a job's failure.
+
+    Returns `STOPPING` without claiming when the worker is shutting down: the
+    caller hands the message back to the broker for another worker."""
+    if stop_requested:
+        return STOPPING
     worker_name = f"{settings.worker_name}:{os.getpid()}"
     client = WorkerClient(
         settings.api_url, settings.worker_token, timeout=settings.request_timeout_s
@@ -89,8 +211,12 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
         except StaleAttempt:
             return "stale"
         except (ApiUnavailable, RuntimeError, OSError) as exc:
+            if stop_requested:
+                return _release(api, job_id)
             _finish(api, job_id, "failed", {"error": f"could not fetch the job's data: {exc}"})
             return "failed"
+        if stop_requested:
+            return _release(api, job_id)
         return _supervise(api, claim, run_dir, datasets, resume, settings)
     finally:
         api.close()
@@ -134,13 +260,32 @@ def _supervise(
     context = multiprocessing.get_context("spawn")
     outbox = context.Queue()
     cancel = context.Event()
+    # Not daemonic: a daemonic process may not have children, and a DataLoader with
+    # num_workers > 0 starts some. It dies with this process all the same
+    # (`_die_with_parent`), and `_watch` ends it before returning.
     child = context.Process(
         target=train_in_child,
-        args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel),
+        args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel, os.getpid()),
         name=f"torchyard-train-{claim.job_id}",
-        daemon=True,
     )
     child.start()
+    try:
+        return _watch(api, claim, child, outbox, cancel, run_dir, settings)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=10)
+
+
+def _watch(
+    api: WorkerClient,
+    claim: Any,
+    child: Any,
+    outbox: Any,
+    cancel: Any,
+    run_dir: Path,
+    settings: WorkerSettings,
+) -> str:
     uploader = Uploader(
         api,
         claim.job_id,
@@ -151,8 +296,9 @@ def _supervise(
         buffer_points=settings.report_buffer_points,
     )
     cancel_sent_at: float | None = None
+    preempt_sent_at: float | None = None
     while child.is_alive():
-        uploader.drain(timeout=0.2)
+        uploader.drain(timeout=0.1 if stop_requested else 0.2)
         uploader.pump()
         if uploader.stale:
             child.kill()
@@ -162,10 +308,20 @@ def _supervise(
         # A child that ignores a cancel (stuck in a long op) is ended after a grace period.
         if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > 60:
             child.kill()
+        if stop_requested and preempt_sent_at is None:
+            child.terminate()  # SIGTERM: a mid-epoch last.pt at the next optimizer step
+            preempt_sent_at = time.monotonic()
+        if preempt_sent_at is not None and time.monotonic() - preempt_sent_at > PREEMPT_GRACE_S:
+            child.kill()
     child.join(timeout=10)
     uploader.drain(timeout=0.5)
     if uploader.stale:
         return "stale"
+    result = uploader.result
+    if stop_requested and (result is None or result["status"] == "preempted"):
+        # The worker is stopping, and the job is not over (or the child died of the
+        # stop): hand it back, never fail it.
+        return _hand_back(api, uploader, claim.job_id)
 
     if uploader.result is not None:
         result = uploader.result
@@ -177,12 +333,41 @@ def _supervise(
             status, result = "cancelled", {"error": None}
 
     deadline = time.monotonic() + FINISH_RETRY_S
-    while not uploader.idle and not uploader.stale and time.monotonic() < deadline:
+    while not uploader.idle and not uploader.stale and time.monotonic() < _until(deadline):
         uploader.pump(flush=True)
         uploader.drain(timeout=0.2)
     if uploader.stale:
         return "stale"
     return _finish(api, claim.job_id, status, result, deadline)
+
+
+def _hand_back(api: WorkerClient, uploader: Uploader, job_id: str) -> str:
+    """Deliver what the child reported (its last.pt first of all), then release the job.
+
+    Within the stop's grace: what is not delivered by then is reported again by
+    the attempt that resumes from the last checkpoint the API holds."""
+    deadline = (stop_requested.at or time.monotonic()) + STOP_GRACE_S - RELEASE_TIMEOUT_S
+    while not uploader.idle and not uploader.stale and time.monotonic() < deadline:
+        uploader.pump(flush=True)
+        uploader.drain(timeout=0.05)
+    if uploader.stale:
+        return "stale"
+    if not uploader.idle:
+        log.warning("job %s: stopping before every report was delivered", job_id)
+    return _release(api, job_id)
+
+
+def _release(api: WorkerClient, job_id: str) -> str:
+    """Queued at once, for the next worker; a lost release leaves it to the lease."""
+    try:
+        api.release(job_id, stop_requested.reason or "worker stopping", timeout=RELEASE_TIMEOUT_S)
+    except StaleAttempt:
+        return "stale"
+    except (ApiUnavailable, RuntimeError) as exc:
+        log.warning("job %s: could not release it (%s); its lease will run out", job_id, exc)
+        return "unreleased"
+    log.info("job %s: released (%s)", job_id, stop_requested.reason)
+    return "released"
 
 
 def _finish(
@@ -196,9 +381,11 @@ def _finish(
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(ApiUnavailable),
         wait=tenacity.wait_exponential(multiplier=0.5, max=10.0),  # 0.5 s, 1 s, ... 10 s
-        # the deadline is the caller's (shared with draining the reports); tenacity < 8.2
-        # passes the state by keyword, hence its name
-        stop=lambda retry_state: time.monotonic() > deadline,
+        # the deadline is the caller's (shared with draining the reports), and a stop
+        # may shorten it meanwhile; tenacity < 8.2 passes the state by keyword
+        stop=lambda retry_state: time.monotonic() > _until(deadline),
+        # short naps: a stop may come meanwhile
+        sleep=_nap_until(deadline),
         reraise=True,
     )
     try:
@@ -209,6 +396,24 @@ def _finish(
     except ApiUnavailable:
         log.error("job %s: API unreachable; leaving it to the lease reconciler", job_id)
         return "unreported"
+
+
+def _until(deadline: float) -> float:
+    """A stopping worker gives up within the stop's grace; the lease does the rest."""
+    if stop_requested.at is None:
+        return deadline
+    return min(deadline, stop_requested.at + STOP_GRACE_S)
+
+
+def _nap_until(deadline: float) -> Any:
+    """tenacity's sleep between tries, in short naps that end early when a stop comes."""
+
+    def sleep(seconds: float) -> None:
+        wake = time.monotonic() + seconds
+        while time.monotonic() < min(wake, _until(deadline)):
+            time.sleep(0.1)
+
+    return sleep
 
 
 def _death_reason(exitcode: int | None) -> str:

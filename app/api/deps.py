@@ -170,3 +170,19 @@ def _worker_attempt(
 
 WorkerAttempt = Annotated[AttemptRef, Depends(_worker_attempt)]
 AttemptAuth = Depends(_worker_attempt)
+
+
+def _releasing_attempt(
+    request: Request, sessions: ReadSessionsDep, credentials: Credentials
+) -> AttemptRef:
+    """As `WorkerAttempt`, but an attempt already released resolves too: a release is retried."""
+    with session_scope(sessions) as session:
+        ref = attempts.resolve(session, _token(credentials), released_ok=True)
+    if ref is None:
+        raise Unauthorized("invalid attempt token")
+    if request.path_params.get("job_id") != ref.job_id:
+        raise NotFound(f"no job {request.path_params.get('job_id')!r} for this attempt")
+    return ref
+
+
+ReleasingAttempt = Annotated[AttemptRef, Depends(_releasing_attempt)]

@@ -324,6 +324,10 @@ class RunResultIn(BaseModel):
     duration_s: float = 0.0
 
 
+class ReleaseIn(BaseModel):
+    reason: str = Field(default="worker stopping", max_length=200)
+
+
 class FinishIn(BaseModel):
     status: Literal["succeeded", "failed", "cancelled"]
     result: RunResultIn = Field(default_factory=RunResultIn)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -20,6 +21,9 @@ from typing import IO
 # How long a worker's exit may precede serve's own stop and still count as part of
 # it: Ctrl+C reaches the workers (same process group) as it reaches serve.
 STOP_GRACE_S = 2.0
+# A stopping worker hands its job back within worker.task.STOP_GRACE_S (3 s), then
+# Celery shuts down; serve must be gone within 5 s of Ctrl-C.
+WORKERS_STOP_S = 3.5
 
 
 class EmbeddedWorkers:
@@ -77,15 +81,20 @@ class EmbeddedWorkers:
         self._warn(f"worker {name} exited with code {code}{where}")
 
     def stop(self) -> None:
-        """SIGTERM each worker (Celery's warm shutdown), then wait; kill any that hang."""
+        """SIGTERM each worker (Celery's warm shutdown: the running job is handed back),
+        then wait; kill any still there after WORKERS_STOP_S. A killed worker's training
+        child dies with it (worker.task._die_with_parent)."""
         self.stopping.set()
         for proc in self.procs.values():
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + WORKERS_STOP_S
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 def _die_with_parent() -> None:

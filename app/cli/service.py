@@ -32,6 +32,7 @@ def serve(
 ) -> None:
     """Start the API and training workers with embedded defaults (SQLite, no broker server)."""
     import logging
+    import threading
 
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
@@ -94,10 +95,24 @@ def serve(
             serve_logs.verbose_logging()
 
         class Server(uvicorn.Server):
+            """On SIGINT/SIGTERM, stops the workers before the API: their last reports
+            and the release of their jobs need the API. A second Ctrl-C stops at once."""
+
+            stopping: threading.Thread | None = None
+
             def handle_exit(self, sig: int, frame: Any) -> None:
                 # Ctrl+C reaches the workers too: their exit from here on is no surprise.
                 embedded.stopping.set()
-                super().handle_exit(sig, frame)
+                if self.stopping is not None:
+                    super().handle_exit(sig, frame)
+                    return
+
+                def workers_then_api() -> None:
+                    embedded.stop()
+                    super(Server, self).handle_exit(sig, None)
+
+                self.stopping = threading.Thread(target=workers_then_api, daemon=True)
+                self.stopping.start()
 
         config = uvicorn.Config(
             create_app(settings),
@@ -106,7 +121,7 @@ def serve(
             log_level="info" if verbose else None,
             log_config=serve_logs.uvicorn_log_config(log_path) if log_path else LOGGING_CONFIG,
             # Open SSE streams would otherwise hold a shutdown until they end.
-            timeout_graceful_shutdown=3,
+            timeout_graceful_shutdown=1,
         )
         server = Server(config)
         try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound, StaleAttempt, Unauthorized
@@ -21,6 +21,7 @@ from app.store.metrics import finite_json
 
 TOKEN_PREFIX = "tya"
 WORKER_LOST = "worker lost"
+RELEASED = "released"
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,10 @@ def claim(
     return Claim(job=jobs.lock(session, job_id), attempt=attempt, token=token)
 
 
-def resolve(session: Session, raw_token: str) -> AttemptRef | None:
-    """The attempt a token belongs to (None: unknown); StaleAttempt when it is no longer current."""
+def resolve(session: Session, raw_token: str, *, released_ok: bool = False) -> AttemptRef | None:
+    """The attempt a token belongs to (None: unknown); StaleAttempt when it is no longer current.
+
+    `released_ok`: an attempt its worker released still resolves (a retried release)."""
     row = session.execute(
         select(Attempt, Job)
         .join(Job, Job.id == Attempt.job_id)
@@ -88,7 +91,7 @@ def resolve(session: Session, raw_token: str) -> AttemptRef | None:
     if row is None:
         return None
     attempt, job = row
-    if not _is_current(attempt, job):
+    if not _is_current(attempt, job) and not (released_ok and attempt.outcome == RELEASED):
         raise StaleAttempt()
     return AttemptRef(attempt_id=attempt.id, job_id=job.id, n=attempt.n, user_id=job.user_id)
 
@@ -190,6 +193,55 @@ def finish(session: Session, ref: AttemptRef, status: str, result: dict[str, Any
     return jobs.lock(session, job.id)
 
 
+@dataclass(frozen=True)
+class Released:
+    job: Job
+    requeued: bool  # False: a retry of a release already done, or the job ended cancelled
+
+
+def release(session: Session, ref: AttemptRef, reason: str) -> Released:
+    """A worker that stops before its job ends hands it back: `running -> queued` at once.
+
+    Guarded by the attempt (only the current one may release), idempotent (a
+    retried release of this attempt changes nothing), and attempt + 1 as for a lost
+    worker, but it uses none of `max_restarts`: nothing went wrong. A job whose
+    cancel was requested ends `cancelled` instead.
+    """
+    job = jobs.lock(session, ref.job_id)
+    attempt = session.get(Attempt, ref.attempt_id, populate_existing=True)
+    if attempt is not None and attempt.outcome == RELEASED:
+        return Released(job, requeued=False)
+    if attempt is None or not _is_current(attempt, job):
+        raise StaleAttempt()
+    now = utcnow()
+    attempt.ended_at, attempt.outcome = now, RELEASED
+    if job.cancel_requested:
+        stop_reason = f"cancelled by user ({reason})"
+        values = jobs.finish_values("cancelled", now, stop_reason=stop_reason)
+        if not jobs.transition(session, job.id, "running", **values):
+            raise StaleAttempt()
+        jobs.announce_end(session, job.id, "cancelled", stop_reason=stop_reason)
+        return Released(jobs.lock(session, job.id), requeued=False)
+    n = job.attempt + 1
+    if not jobs.transition(
+        session,
+        job.id,
+        "running",
+        status="queued",
+        attempt=n,
+        lease_expires_at=None,
+        dispatched_at=now,
+    ):
+        raise StaleAttempt()
+    events.append(session, job.id, "status", {"status": "queued", "attempt": n, "reason": reason})
+    return Released(jobs.lock(session, job.id), requeued=True)
+
+
+def _released_count(session: Session, job_id: str) -> int:
+    stmt = select(func.count()).where(Attempt.job_id == job_id, Attempt.outcome == RELEASED)
+    return session.execute(stmt).scalar_one()
+
+
 def expire(session: Session, now: datetime) -> list[Job]:
     """Running jobs whose lease ran out: back to queued (attempt + 1) or, past max_restarts, failed.
 
@@ -202,6 +254,8 @@ def expire(session: Session, now: datetime) -> list[Job]:
         ).scalar_one_or_none()
         if attempt is not None and attempt.ended_at is None:
             attempt.ended_at, attempt.outcome = now, "lost"
+        # Attempts their workers released (a shutdown) are no restarts: only losses count.
+        released = _released_count(session, job.id)
         if job.cancel_requested:
             # The user asked to stop it anyway: losing the worker finishes the job.
             values = jobs.finish_values(
@@ -209,7 +263,7 @@ def expire(session: Session, now: datetime) -> list[Job]:
             )
             if jobs.transition(session, job.id, "running", **values):
                 jobs.announce_end(session, job.id, "cancelled", stop_reason=values["stop_reason"])
-        elif job.attempt < job.max_restarts + 1:
+        elif job.attempt < job.max_restarts + 1 + released:
             n = job.attempt + 1
             if jobs.transition(
                 session,
@@ -230,7 +284,7 @@ def expire(session: Session, now: datetime) -> list[Job]:
         else:
             error = (
                 f"{WORKER_LOST}: no heartbeat within the lease on attempt {job.attempt} "
-                f"of {job.max_restarts + 1}"
+                f"of {job.max_restarts + 1 + released}"
             )
             if jobs.transition(
                 session, job.id, "running", **jobs.finish_values("failed", now, error=error)

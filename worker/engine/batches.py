@@ -32,7 +32,9 @@ class Batches(Protocol):
 
     def __len__(self) -> int: ...  # batches per epoch
 
-    def epoch(self, epoch: int) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]: ...
+    def epoch(
+        self, epoch: int, first: int = 0
+    ) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]: ...
 
 
 @dataclass
@@ -53,8 +55,9 @@ class _Plan:
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
-    def bounds(self) -> Iterator[tuple[int, int]]:
-        for start in range(0, self.num_samples, self.batch_size):
+    def bounds(self, first: int = 0) -> Iterator[tuple[int, int]]:
+        """Row ranges of the batches from batch `first` on (a resumed epoch skips the rest)."""
+        for start in range(first * self.batch_size, self.num_samples, self.batch_size):
             yield start, min(start + self.batch_size, self.num_samples)
 
 
@@ -85,12 +88,15 @@ class InMemoryBatches:
     def __len__(self) -> int:
         return len(self.plan)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    def epoch(
+        self, epoch: int, first: int = 0
+    ) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        """The batches of `epoch` from batch `first` on."""
         plan = self.plan
         order = None
         if plan.shuffle:
             order = epoch_order(plan.num_rows, plan.seed, epoch).to(self.device, non_blocking=True)
-        for start, stop in plan.bounds():
+        for start, stop in plan.bounds(first):
             if order is None:
                 yield _take_slice(self.inputs, start, stop), _take_slice(self.targets, start, stop)
             else:
@@ -125,6 +131,7 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __init__(self, plan: _Plan):
         self.plan = plan
         self.epoch = 0
+        self.first = 0  # the batch to start from (a resumed epoch)
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -132,7 +139,7 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[slice | np.ndarray]:
         plan = self.plan
         order = epoch_order(plan.num_rows, plan.seed, self.epoch).numpy() if plan.shuffle else None
-        for start, stop in plan.bounds():
+        for start, stop in plan.bounds(self.first):
             yield slice(start, stop) if order is None else order[start:stop]
 
 
@@ -204,8 +211,11 @@ class StreamingBatches:
     def __len__(self) -> int:
         return len(self.plan)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
-        self.sampler.epoch = epoch
+    def epoch(
+        self, epoch: int, first: int = 0
+    ) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        """The batches of `epoch` from batch `first` on: workers never load the skipped ones."""
+        self.sampler.epoch, self.sampler.first = epoch, first
         for inputs, targets in self.loader:
             yield self._to_device(inputs), self._to_device(targets)
 

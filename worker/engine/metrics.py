@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -147,6 +147,14 @@ class MetricAccumulator:
                 value, count = _metric_sum(slot, output, targets[slot.output])
                 cell.add_(value)
             self._counts[i] += count
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far: a run stopped mid-epoch resumes them, and its epoch means stay exact."""
+        return {"sums": self._sums.detach().cpu().clone(), "counts": list(self._counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums.copy_(state["sums"].to(self._sums.device, self._sums.dtype))
+        self._counts = [int(c) for c in state["counts"]]
 
     def compute(self) -> dict[str, float]:
         """Sample-weighted means over everything since `reset()`; NaN for a value never updated."""

@@ -48,7 +48,10 @@ from worker.engine.optim import make_optimizer, make_scheduler
 from worker.engine.spec import JobSpec, SplitSpec, default_mode, default_monitor
 from worker.engine.value_checks import check_values
 
-Status = Literal["succeeded", "failed", "cancelled"]
+# "preempted": stopped on request mid-run (a worker shutting down) after saving a
+# last.pt to resume from; the job is not over.
+Status = Literal["succeeded", "failed", "cancelled", "preempted"]
+PREEMPTED = "preempted"
 
 # What torch raises when a model does not fit the data it is run on (shapes,
 # dtypes, index ranges, class ids past the output's classes): the user's to fix.
@@ -172,8 +175,12 @@ class Trainer:
         *,
         reporter: Reporter | None = None,
         callbacks: list[Callback] | None = None,
+        preempt: Callable[[], bool] | None = None,
     ):
         self.spec = spec
+        # Asked after every optimizer step (a plain call, no device sync): True saves a
+        # last.pt at that point, mid-epoch, and ends the run `preempted`.
+        self.preempt = preempt
         self.run_dir = run_dir
         self.reporter: Reporter = reporter or NullReporter()
         training = spec.training
@@ -244,6 +251,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.batch_in_epoch = 0
+        self._resume_batch = 0  # batches of the current epoch a mid-epoch last.pt had done
         self.stop_reason: str | None = None
         self.stopped_early = False
         self._stop = False
@@ -317,9 +325,12 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> None:
         self.model.train()
-        self.train_metrics.reset()
+        first, self._resume_batch = self._resume_batch, 0
+        if first == 0:
+            self.train_metrics.reset()  # a resumed epoch goes on with its loaded sums
         n_batches = len(self.train_batches)
-        for i, (inputs, targets) in enumerate(self.train_batches.epoch(epoch)):
+        batches = self.train_batches.epoch(epoch, first)
+        for i, (inputs, targets) in enumerate(batches, start=first):
             with self._model_errors("training"):
                 with self.autocast():
                     outputs = self._forward(inputs)
@@ -355,9 +366,12 @@ class Trainer:
             max_steps = self.spec.training.max_steps
             if end_of_window and max_steps is not None and self.step >= max_steps:
                 self.request_stop(f"max_steps {max_steps} reached")
+            if end_of_window and self.preempt is not None and self.preempt():
+                self.request_stop(PREEMPTED)
             if self._stop:
                 break
-        self._flush_window(log=False)
+        if self.stop_reason != PREEMPTED:  # a preempted window is saved, read on resume
+            self._flush_window(log=False)
 
     def _flush_window(self, *, log: bool) -> None:
         """Read the window's losses (one sync): NaN guard, then the step metrics."""
@@ -410,7 +424,7 @@ class Trainer:
             # on_fit_end runs for every callback, in order, however fit() ends; an
             # error in one still lets the others run (ExitStack chains the errors).
             for cb in reversed(self.callbacks):
-                teardown.callback(cb.on_fit_end, self)
+                teardown.callback(self._end_fit, cb)
             try:
                 if resume_from is not None:
                     self.load_state(resume_from)
@@ -423,13 +437,17 @@ class Trainer:
                 raise
         return self._result(started)
 
+    def _end_fit(self, cb: Callback) -> None:
+        if self.stop_reason != PREEMPTED:  # a preempted fit is not over: it resumes
+            cb.on_fit_end(self)
+
     def _fit_epochs(self) -> None:
         epochs = self.spec.training.epochs
         while self.epoch < epochs and not self._stop:
             epoch = self.epoch
             epoch_started = time.monotonic()
             self._train_epoch(epoch)
-            if self.stop_reason == "cancelled":
+            if self.stop_reason in ("cancelled", PREEMPTED):
                 break
             metrics = self.train_metrics.compute()
             metrics.update(self._validate(epoch))
@@ -455,6 +473,8 @@ class Trainer:
             self._save_last(epoch)
             if self.reporter.cancel_requested():
                 self.request_stop("cancelled")
+        if self.stop_reason == PREEMPTED:
+            self._save_preempted()
 
     def _check_finite_epoch(self, metrics: dict[str, float]) -> None:
         if not self.spec.callbacks.terminate_on_nan:
@@ -465,7 +485,9 @@ class Trainer:
 
     def _result(self, started: float) -> RunResult:
         ckpt = self.checkpoint
-        status: Status = "cancelled" if self.stop_reason == "cancelled" else "succeeded"
+        status: Status = "succeeded"
+        if self.stop_reason in ("cancelled", PREEMPTED):
+            status = self.stop_reason  # type: ignore[assignment]
         return RunResult(
             status=status,
             epochs_run=self.epoch,
@@ -491,6 +513,35 @@ class Trainer:
         self.save_state(path)
         self.reporter.log_checkpoint(CheckpointInfo("last", epoch, self.step, path))
 
+    def _save_preempted(self) -> None:
+        """A last.pt of this very step, mid-epoch: the resumed run continues bit-exactly.
+
+        Saved when the spec keeps a last.pt at all (`save_last`); the epoch in the
+        checkpoint's key is the one in progress, so the resumed run's save at the
+        end of that epoch replaces it."""
+        cfg = self.spec.callbacks.checkpoint
+        if cfg is None or not cfg.save_last:
+            return
+        path = self.run_dir / "last.pt"
+        self.save_state(path)
+        self.reporter.log_checkpoint(CheckpointInfo("last", self.epoch, self.step, path))
+
+    def _position(self) -> dict[str, Any] | None:
+        """Where in an epoch a preempted run stopped (None at an epoch's end).
+
+        The data order is a pure function of (seed, epoch), so the batch index is
+        enough to skip to; the epoch's metric sums and the unlogged step losses of
+        the current logging window go with it."""
+        if self.stop_reason != PREEMPTED:
+            return None
+        return {
+            "batch": self.batch_in_epoch,
+            "train_metrics": self.train_metrics.state_dict(),
+            "window": self._window[: self._window_len].detach().cpu().clone(),
+            "window_first_step": self._window_first_step,
+            "lr_logged_at": self._lr_logged_at,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue as if never stopped."""
         return {
@@ -507,6 +558,7 @@ class Trainer:
             "rng": rng_state(self.device),
             # The data order is a pure function of (seed, epoch); kept for the record.
             "data_order": {"seed": self.spec.seed, "next_epoch": self.epoch},
+            "position": self._position(),
         }
 
     def save_state(self, path: Path) -> None:
@@ -534,6 +586,15 @@ class Trainer:
                 cb.load_state_dict(state["callbacks"][key])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._window_first_step = self.step
+        position = state.get("position")
+        if position is not None:
+            self._resume_batch = self.batch_in_epoch = int(position["batch"])
+            self.train_metrics.load_state_dict(position["train_metrics"])
+            window = position["window"]
+            self._window_len = len(window)
+            self._window[: self._window_len].copy_(window.to(self._window.device))
+            self._window_first_step = int(position["window_first_step"])
+            self._lr_logged_at = int(position["lr_logged_at"])
         set_rng_state(state["rng"], self.device)
 
 
@@ -630,6 +691,7 @@ def run_job(
     callbacks: list[Callback] | None = None,
     resume: bool = False,
     max_params: int | None = None,
+    preempt: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Train `spec` into `run_dir`; write `result.json`; never raise for a failed run.
 
@@ -638,14 +700,18 @@ def run_job(
     is a bug and propagates with its traceback.
 
     `max_params`: the model size limit, for local runs (the service checks its own
-    limit when a job is submitted, so its workers pass none)."""
+    limit when a job is submitted, so its workers pass none). `preempt`: asked
+    after every optimizer step; True saves a mid-epoch last.pt and ends the run
+    `preempted` (resume=True continues it bit-exactly)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = reporter or FileReporter(run_dir)
     started = time.monotonic()
     trainer: Trainer | None = None
     try:
         data = prepare(spec, resolve, max_params)
-        trainer = Trainer(spec, data, run_dir, reporter=reporter, callbacks=callbacks)
+        trainer = Trainer(
+            spec, data, run_dir, reporter=reporter, callbacks=callbacks, preempt=preempt
+        )
         last = run_dir / "last.pt"
         resume_from = last if resume and last.exists() else None
         if resume_from is not None and isinstance(reporter, FileReporter):

@@ -12,6 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import (
     ArtifactsDep,
     AttemptAuth,
+    DispatcherDep,
+    ReleasingAttempt,
     SessionDep,
     SessionsDep,
     SettingsDep,
@@ -33,15 +35,24 @@ from app.api.schemas import (
     LogsIn,
     MetricsIn,
     MetricsOut,
+    ReleaseIn,
     json_body,
 )
 from app.db import Sessions, session_scope
 from app.errors import BadRequest
-from app.protocol import claim_job, receive_checkpoint, record_logs, record_metrics
+from app.protocol import (
+    claim_job,
+    receive_checkpoint,
+    record_logs,
+    record_metrics,
+    release_attempt,
+)
 from app.store import attempts, checkpoints, datasets
 
 claims = APIRouter(prefix="/worker", tags=["worker"], dependencies=[WorkerAuth])
 router = APIRouter(prefix="/worker", tags=["worker"], dependencies=[AttemptAuth])
+# Release authenticates on its own: a retry comes from an attempt no longer current.
+releases = APIRouter(prefix="/worker", tags=["worker"])
 
 DOWNLOAD = {200: {"content": {"application/octet-stream": {}}, "description": "The file"}}
 SHA256_HEX = 64
@@ -178,3 +189,13 @@ def post_logs(
 def finish(body: FinishIn, ref: WorkerAttempt, session: SessionDep) -> JobOut:
     """Set the terminal state, best epoch and value, early stop and error from the RunResult."""
     return JobOut.of(attempts.finish(session, ref, body.status, body.result.model_dump()))
+
+
+@releases.post("/jobs/{job_id}/release", response_model=JobOut)
+def release(
+    body: ReleaseIn, ref: ReleasingAttempt, session: SessionDep, dispatcher: DispatcherDep
+) -> JobOut:
+    """The worker is stopping: `running -> queued` now (attempt + 1 at the next claim), and a
+    wake-up is sent, so the job resumes from its last checkpoint without waiting for the
+    lease to expire. Idempotent for the attempt; 409 `stale attempt` when another owns the job."""
+    return JobOut.of(release_attempt(session, dispatcher, ref, body.reason))
