@@ -192,9 +192,10 @@ def test_labels_past_the_models_classes_fail_with_one_line(load_example, tmp_pat
     doc = tiny_digits(doc)
     doc["data"]["validation"] = str(bad)
     result = run_job(parse_spec(doc), tmp_path / "run", resolve=resolve)
-    assert result.status == "failed"
-    assert result.error.startswith("validation failed at epoch 0, step ")
-    assert "out of bounds" in result.error and "\n" not in result.error
+    # found before training, naming the file and the field (not a device-side assert)
+    assert result.status == "failed" and result.steps == 0
+    assert result.error.startswith(f"data.validation ({bad}): target field 'y' holds class 15")
+    assert "\n" not in result.error
 
 
 def test_a_model_without_parameters_fails_with_one_line(load_example, tmp_path):
