@@ -1,8 +1,9 @@
 """Deleting a finished job: its rows in one transaction, then its files.
 
 Rows go first and files after the commit: a rolled-back delete must still find its
-files, and a crash between the two leaves files that no row references, which the
-artifact store's startup sweep of orphaned files removes.
+files, and a crash between the two leaves files that no row references: the
+artifact store's sweep of orphaned files at start (issue 13's storage work, built
+apart from this) removes them.
 """
 
 from __future__ import annotations

@@ -119,8 +119,10 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_user_id_id", "user_id", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-        # a project's jobs newest first (GET /jobs?project=), and the counts of GET /projects
+        # a project's jobs newest first (GET /jobs?project=)
         Index("ix_jobs_user_id_project_id", "user_id", "project", "id"),
+        # GET /projects counts from the index alone
+        Index("ix_jobs_user_id_project_status", "user_id", "project", "status"),
         # GET /jobs?sort=best
         Index("ix_jobs_user_id_best_value_id", "user_id", "best_value", "id"),
     )

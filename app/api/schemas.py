@@ -124,7 +124,7 @@ class JobSummary(BaseModel):
         }
 
     @classmethod
-    def of(cls, job: Job) -> JobSummary:
+    def of(cls, job: Job | Row[Any]) -> JobSummary:
         return cls(**cls.fields_of(job))
 
 

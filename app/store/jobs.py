@@ -188,17 +188,37 @@ class Position:
     best_value: float | None = None
 
 
+# What a job's line in a list shows (JobSummary), and its sort keys: not the spec, the
+# result or the metrics, which would cost more to read and decode than the search.
+LISTED = (
+    "id",
+    "name",
+    "status",
+    "queue",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "attempt",
+    "cancel_requested",
+    "error",
+    "project",
+    "tags",
+    "note",
+    "best_value",
+)
+
+
 def search(
     session: Session, user_id: int, query: JobQuery, *, limit: int, after: Position | None
-) -> tuple[list[Job], Position | None]:
+) -> tuple[list[Row[Any]], Position | None]:
     """A page of the user's jobs, and where the next starts (None at the end).
 
     Keyset pagination: the next page is "after this sort key", so jobs submitted or
     deleted meanwhile neither repeat nor skip others. Ids grow with creation time, so
     `created` is the order of ids; `best` is the best monitored value, ties by id in
-    the same direction, jobs without one last.
+    the same direction, jobs without one last. Rows have the columns LISTED.
     """
-    stmt = select(Job).where(Job.user_id == user_id)
+    stmt = select(*(JOBS.c[name] for name in LISTED)).where(Job.user_id == user_id)
     if query.project is not None:
         stmt = stmt.where(Job.project == query.project)
     if query.status is not None:
@@ -220,7 +240,7 @@ def search(
             order = (Job.best_value.desc().nulls_last(), Job.id.desc())
         else:
             order = (Job.best_value.asc().nulls_last(), Job.id.asc())
-    rows = list(session.execute(stmt.order_by(*order).limit(limit + 1)).scalars())
+    rows = list(session.execute(stmt.order_by(*order).limit(limit + 1)))
     if len(rows) <= limit:
         return rows, None
     last = rows[limit - 1]

@@ -175,9 +175,7 @@ def check_label(value: str) -> str:
         raise ValueError(f"must be 1 to {MAX_LABEL_LENGTH} characters, found {value!r}")
     bad = sorted({c for c in value if not (c.isascii() and c.isalnum()) and c not in _LABEL_EXTRA})
     if bad:
-        raise ValueError(
-            f"may hold only {LABEL_CHARACTERS}; found {''.join(bad)!r} in {value!r}"
-        )
+        raise ValueError(f"may hold only {LABEL_CHARACTERS}; found {''.join(bad)!r} in {value!r}")
     if value[0] == " " or value[-1] == " ":
         raise ValueError(f"must not start or end with a space, found {value!r}")
     return value

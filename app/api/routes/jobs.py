@@ -12,6 +12,7 @@ from app.api.deps import (
     CurrentUser,
     DispatcherDep,
     OwnedJob,
+    ReadSessionDep,
     SessionDep,
     SessionsDep,
     SettingsDep,
@@ -88,7 +89,7 @@ def submit(
 @router.get("", response_model=JobPage)
 def list_jobs(
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     project: Annotated[Label | None, Query(description="Only this project's jobs")] = None,
     tag: Annotated[
         list[Label] | None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import CurrentUser, SessionDep, UserAuth
+from app.api.deps import CurrentUser, ReadSessionDep, UserAuth
 from app.api.schemas import ProjectOut
 from app.store import jobs
 
@@ -12,7 +12,7 @@ router = APIRouter(prefix="/projects", tags=["projects"], dependencies=[UserAuth
 
 
 @router.get("", response_model=list[ProjectOut])
-def list_projects(user: CurrentUser, session: SessionDep) -> list[ProjectOut]:
+def list_projects(user: CurrentUser, session: ReadSessionDep) -> list[ProjectOut]:
     """Your projects by name (a project exists while a job of yours is in it)."""
     return [
         ProjectOut(name=p.name, jobs=p.jobs, by_status=p.by_status)

@@ -35,6 +35,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("tags", JSON, server_default=sa.text("'[]'"), nullable=False))
         batch.add_column(sa.Column("note", sa.Text(), server_default="", nullable=False))
     op.create_index("ix_jobs_user_id_project_id", "jobs", ["user_id", "project", "id"])
+    op.create_index("ix_jobs_user_id_project_status", "jobs", ["user_id", "project", "status"])
     op.create_index("ix_jobs_user_id_best_value_id", "jobs", ["user_id", "best_value", "id"])
     op.create_table(
         "job_tags",
@@ -53,6 +54,7 @@ def downgrade() -> None:
     op.drop_index("ix_job_tags_user_id_tag_job_id", table_name="job_tags")
     op.drop_table("job_tags")
     op.drop_index("ix_jobs_user_id_best_value_id", table_name="jobs")
+    op.drop_index("ix_jobs_user_id_project_status", table_name="jobs")
     op.drop_index("ix_jobs_user_id_project_id", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("note")
