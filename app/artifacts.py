@@ -23,6 +23,11 @@ CHUNK = 1 << 20
 STALE_TEMP_S = 24 * 3600
 
 
+def job_folder(job_id: str) -> str:
+    """Where a job's files live (checkpoints, and the exports cached beside them)."""
+    return f"jobs/{job_id}"
+
+
 class TempFile:
     """A file being written: size and sha256 grow with each chunk."""
 

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits
-from app.api.routes import checkpoints, datasets, events, health, jobs, worker
+from app.api.routes import checkpoints, datasets, events, health, jobs, projects, worker
 from app.api.schemas import ERROR_RESPONSES, JobOut
 from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
@@ -93,7 +93,14 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
 
     install_error_handlers(app)
     app.include_router(health.router, prefix=API_PREFIX)
-    for router in (jobs.shown, datasets.router, jobs.router, events.router, checkpoints.router):
+    for router in (
+        jobs.shown,
+        datasets.router,
+        jobs.router,
+        events.router,
+        checkpoints.router,
+        projects.router,
+    ):
         app.include_router(router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.claims, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.reports, prefix=API_PREFIX, responses=ERROR_RESPONSES)

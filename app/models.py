@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -118,6 +119,12 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_user_id_id", "user_id", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # a project's jobs newest first (GET /jobs?project=)
+        Index("ix_jobs_user_id_project_id", "user_id", "project", "id"),
+        # GET /projects counts from the index alone
+        Index("ix_jobs_user_id_project_status", "user_id", "project", "status"),
+        # GET /jobs?sort=best
+        Index("ix_jobs_user_id_best_value_id", "user_id", "best_value", "id"),
     )
 
     # ids sort by creation time (millisecond prefix), so "newest first" is ORDER BY id DESC
@@ -145,6 +152,23 @@ class Job(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None]
+    # Metadata (spec keys project, tags, note; editable with PATCH /jobs/{id}). `tags`
+    # is the list as shown, in its order; `job_tags` holds the same tags, indexed for search.
+    project: Mapped[str] = mapped_column(String(64), server_default="default")
+    tags: Mapped[list[str]] = mapped_column(JSONType, server_default=text("'[]'"))
+    note: Mapped[str] = mapped_column(Text, server_default="")
+
+
+class JobTag(Base):
+    """A tag of a job, with the job's owner copied in (a job never changes owner), so
+    `GET /jobs?tag=` walks one index of the user's tagged jobs in id order."""
+
+    __tablename__ = "job_tags"
+    __table_args__ = (Index("ix_job_tags_user_id_tag_job_id", "user_id", "tag", "job_id"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer)
 
 
 class JobDataset(Base):

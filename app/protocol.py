@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.artifacts import ArtifactStore, TempFile
+from app.artifacts import ArtifactStore, TempFile, job_folder
 from app.config import Settings
 from app.db import Sessions, session_scope
 from app.dispatch import Dispatcher, send_after_commit
@@ -166,7 +166,7 @@ def _store_checkpoint(
         suffix = "pt" if kind == "last" else "safetensors"
         # The sha in the name keeps every recorded row's file immutable: a
         # re-upload with other bytes gets a new file, never overwrites a served one.
-        relative = f"jobs/{job.id}/checkpoints/{kind}-{epoch}-{temp.sha256[:16]}.{suffix}"
+        relative = f"{job_folder(job.id)}/checkpoints/{kind}-{epoch}-{temp.sha256[:16]}.{suffix}"
         artifacts.commit(temp, relative)
         recorded = checkpoints.record(
             session,

@@ -158,6 +158,9 @@ def submit_job(
         queue=queue,
         max_restarts=checked.spec.max_restarts,
         dataset_ids=[d.id for d in checked.datasets.values()],
+        project=checked.spec.project,
+        tags=checked.spec.tags,
+        note=checked.spec.note,
     )
     send_after_commit(session, dispatcher, job.id, queue)
     return job

@@ -11,6 +11,7 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from app.models import Checkpoint, Dataset, Job
 from app.store.metrics import finite, latest_values
+from worker.engine.spec import LABEL_CHARACTERS, MAX_TAGS, Label, Note, Tags
 
 # The largest values the database's integer columns hold (Integer, BigInteger): a
 # larger number in a request is a 422, not an overflow inside the database driver.
@@ -100,6 +101,9 @@ class JobSummary(BaseModel):
     attempt: int
     cancel_requested: bool
     error: str | None
+    project: str
+    tags: list[str]
+    note: str
 
     @classmethod
     def fields_of(cls, job: Job | Row[Any]) -> dict[str, Any]:
@@ -114,10 +118,13 @@ class JobSummary(BaseModel):
             "attempt": job.attempt,
             "cancel_requested": job.cancel_requested,
             "error": job.error,
+            "project": job.project,
+            "tags": job.tags,
+            "note": job.note,
         }
 
     @classmethod
-    def of(cls, job: Job) -> JobSummary:
+    def of(cls, job: Job | Row[Any]) -> JobSummary:
         return cls(**cls.fields_of(job))
 
 
@@ -164,6 +171,24 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end"
     )
+
+
+class JobEdit(BaseModel):
+    """PATCH /jobs/{id}: the metadata to change; a key left out keeps its value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: Label | None = Field(default=None, description=f"1 to 64 of: {LABEL_CHARACTERS}")
+    tags: Tags | None = Field(
+        default=None, description=f"Replaces the tags: at most {MAX_TAGS}, each as a project"
+    )
+    note: Note | None = Field(default=None, description="Free text, at most 10,000 characters")
+
+
+class ProjectOut(BaseModel):
+    name: str
+    jobs: int
+    by_status: dict[str, int] = Field(description="Job counts by status (only those above 0)")
 
 
 class ValidateOut(BaseModel):

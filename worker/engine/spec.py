@@ -12,6 +12,7 @@ import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -27,6 +28,12 @@ from worker.engine.errors import SpecError, SpecIssue
 
 MAX_NODES = 10_000
 MAX_NAME_LENGTH = 64
+# Job metadata (the service stores, lists and filters by it; training ignores it).
+MAX_LABEL_LENGTH = 64  # a project or a tag
+MAX_TAGS = 32
+MAX_NOTE_LENGTH = 10_000
+LABEL_CHARACTERS = "letters a-z A-Z, digits, and - _ . : / and space"
+_LABEL_EXTRA = frozenset("-_.:/ ")
 
 InitName = Literal[
     "default",
@@ -158,6 +165,40 @@ def _check_name(name: str) -> str:
             f"name must be letters, digits and '_' (not starting with a digit), found {name!r}"
         )
     return name
+
+
+def check_label(value: str) -> str:
+    """A project or tag name: 1 to 64 ASCII letters, digits and `-_.:/ `, not starting or
+    ending with a space. ASCII, so case-insensitive matching and sorting are the same on
+    every database; no commas, so a list of tags can be written comma-separated."""
+    if not value or len(value) > MAX_LABEL_LENGTH:
+        raise ValueError(f"must be 1 to {MAX_LABEL_LENGTH} characters, found {value!r}")
+    bad = sorted({c for c in value if not (c.isascii() and c.isalnum()) and c not in _LABEL_EXTRA})
+    if bad:
+        raise ValueError(f"may hold only {LABEL_CHARACTERS}; found {''.join(bad)!r} in {value!r}")
+    if value[0] == " " or value[-1] == " ":
+        raise ValueError(f"must not start or end with a space, found {value!r}")
+    return value
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    """Tags in the order given, each once (a repeated tag is the same tag)."""
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags, found {len(tags)}")
+    return list(dict.fromkeys(tags))
+
+
+def check_note(note: str) -> str:
+    if len(note) > MAX_NOTE_LENGTH:
+        raise ValueError(f"at most {MAX_NOTE_LENGTH:,} characters, found {len(note):,}")
+    if "\x00" in note:
+        raise ValueError("contains a NUL character (\\u0000)")
+    return note
+
+
+Label = Annotated[str, AfterValidator(check_label)]
+Tags = Annotated[list[Label], AfterValidator(check_tags)]
+Note = Annotated[str, AfterValidator(check_note)]
 
 
 # -------------------------------------------------------------------- model
@@ -533,6 +574,10 @@ class JobSpec(Strict):
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_restarts: int = Field(default=3, ge=0, le=100)
+    # Metadata for organising jobs; the engine ignores it.
+    project: Label = Field(default="default", description="The project the job belongs to.")
+    tags: Tags = Field(default_factory=list, description=f"At most {MAX_TAGS} labels.")
+    note: Note = Field(default="", description="Free text, at most 10,000 characters.")
 
     @model_validator(mode="after")
     def _name_single_fields(self) -> JobSpec:
