@@ -1034,7 +1034,8 @@ def _arrow_layout(dtype: pa.DataType) -> tuple[tuple[int, ...], str]:
         shape.append(base.list_size)
         base = base.value_type
     if _arrow_numeric(base):
-        return tuple(shape), np.dtype(base.to_pandas_dtype()).name
+        # an empty array's numpy dtype: to_pandas_dtype() would need pandas (pyarrow < 16)
+        return tuple(shape), pa.array([], type=base).to_numpy(zero_copy_only=False).dtype.name
     if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
         return (), TEXT
     return (), str(dtype)
