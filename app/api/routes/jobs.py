@@ -6,7 +6,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from app.api.deps import (
     CurrentUser,
@@ -30,7 +30,7 @@ from app.api.schemas import (
 from app.errors import BadRequest, NotFound
 from app.ids import is_id
 from app.store import events, jobs
-from app.submission import check_spec, submit_job
+from app.submission import MAX_SOURCE_CHARS, SOURCES_HEADER, check_spec, submit_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
 # The hot polls (GET /jobs/{id}, its metrics) authenticate inside the route, skipping
@@ -77,8 +77,17 @@ def submit(
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
+    sources: Annotated[
+        str | None,
+        Header(
+            alias=SOURCES_HEADER,
+            max_length=4 * MAX_SOURCE_CHARS,
+            description="Where the datasets came from, for the record: JSON "
+            '{"data.train": "local/path.npz"}, keyed by the JSON path of each dataset id',
+        ),
+    ] = None,
 ) -> JobOut:
-    return JobOut.of(submit_job(session, user.id, body, settings, dispatcher))
+    return JobOut.of(submit_job(session, user.id, body, settings, dispatcher, sources=sources))
 
 
 @router.get("", response_model=JobPage)
