@@ -229,8 +229,7 @@ def download(
 
 
 def rm(job_ids: Annotated[list[str], typer.Argument(help="Finished jobs to delete.")]) -> None:
-    """Delete finished jobs with their metrics and checkpoints (a queued or running job: cancel
-    it first)."""
+    """Delete finished jobs with their metrics and checkpoints (cancel a running one first)."""
     from torchyard import TorchyardError
 
     client = _client()
