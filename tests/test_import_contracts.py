@@ -133,6 +133,16 @@ def test_importing_the_client_loads_no_service_engine_or_torch_module():
     assert run.stdout.strip() == "[]"
 
 
+def test_the_cli_starts_without_torch():
+    """`torchyard submit` and the other service commands answer in well under a second:
+    torch (seconds to import) loads only in the commands that run the engine."""
+    probe = "import sys, app.cli; print('torch' in sys.modules)"
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize(
     "source, forbidden, expected",
     [
