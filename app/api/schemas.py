@@ -136,6 +136,10 @@ class JobOut(JobSummary):
     stopped_early: bool
     stop_reason: str | None
     spec: dict[str, Any]
+    dataset_sources: dict[str, str] = Field(
+        description="Where each dataset came from, by its JSON path in the spec, as the "
+        "submitting client said (X-Dataset-Sources); empty when it did not say"
+    )
 
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
@@ -158,6 +162,7 @@ class JobOut(JobSummary):
             stopped_early=job.stopped_early,
             stop_reason=job.stop_reason,
             spec=job.spec,
+            dataset_sources=(job.fields or {}).get("sources", {}),
         )
 
     @classmethod

@@ -2,7 +2,8 @@
 
 local.py    schema, validate, train, export: the engine on this machine
 service.py  serve, worker: the service's processes (the one module that starts the worker)
-remote.py   upload, submit, jobs, status, cancel, metrics, download: the REST API's client
+remote.py   upload, submit, jobs, status, cancel, metrics, download, rm, projects, tag, note:
+            the REST API's client (through `torchyard.Client`)
 admin.py    token create: straight to the service's database
 """
 
@@ -31,6 +32,10 @@ for command in (
     remote.cancel,
     remote.metrics,
     remote.download,
+    remote.rm,
+    remote.projects,
+    remote.tag,
+    remote.note,
 ):
     app.command()(command)
 app.add_typer(admin.token_app, name="token")

@@ -50,9 +50,13 @@ def get(session: Session, user_id: int, dataset_id: str) -> Dataset:
     return dataset
 
 
-def list_for_user(session: Session, user_id: int) -> list[Dataset]:
-    stmt = select(Dataset).where(Dataset.user_id == user_id).order_by(Dataset.id.desc())
-    return list(session.execute(stmt).scalars())
+def list_for_user(session: Session, user_id: int, *, sha256: str | None = None) -> list[Dataset]:
+    """Newest first; with `sha256`, only the user's datasets of those bytes (never
+    another user's: whether someone else holds a file is not this user's to learn)."""
+    stmt = select(Dataset).where(Dataset.user_id == user_id)
+    if sha256 is not None:
+        stmt = stmt.where(Dataset.sha256 == sha256)
+    return list(session.execute(stmt.order_by(Dataset.id.desc())).scalars())
 
 
 def get_many(session: Session, user_id: int, dataset_ids: Collection[str]) -> dict[str, Dataset]:

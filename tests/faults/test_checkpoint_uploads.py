@@ -79,7 +79,7 @@ def test_an_interrupted_upload_leaves_nothing_a_download_could_serve(
     stack.start_api()
     client = stack.client()
     train_id, val_id = upload_digits(client, examples_dir)
-    job_id = client.submit(spec_for(train_id, val_id, epochs=1))["id"]
+    job_id = client.submit(spec_for(train_id, val_id, epochs=1)).id
     token = _claim(stack, job_id)
     body = os.urandom(BODY_BYTES)
 

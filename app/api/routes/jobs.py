@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.api import job_cursor
@@ -36,7 +36,7 @@ from app.errors import NotFound
 from app.job_deletion import delete_job
 from app.store import events, jobs
 from app.store.jobs import Sort
-from app.submission import check_spec, submit_job
+from app.submission import MAX_SOURCE_CHARS, SOURCES_HEADER, check_spec, submit_job
 from worker.engine.spec import MAX_TAGS, Label
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
@@ -84,8 +84,17 @@ def submit(
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
+    sources: Annotated[
+        str | None,
+        Header(
+            alias=SOURCES_HEADER,
+            max_length=4 * MAX_SOURCE_CHARS,
+            description="Where the datasets came from, for the record: JSON "
+            '{"data.train": "local/path.npz"}, keyed by the JSON path of each dataset id',
+        ),
+    ] = None,
 ) -> JobOut:
-    return JobOut.of(submit_job(session, user.id, body, settings, dispatcher))
+    return JobOut.of(submit_job(session, user.id, body, settings, dispatcher, sources=sources))
 
 
 @router.get("", response_model=JobPage)
