@@ -191,7 +191,10 @@ def submit_job(
     """
     checked = check_spec(session, user_id, body, settings)
     queue = queue_for(checked.spec, gpu_first=settings.auto_gpu_wait_s > 0)
-    fields = {"inputs": to_json(checked.inputs), "targets": to_json(checked.targets)}
+    fields: dict[str, Any] = {
+        "inputs": to_json(checked.inputs),
+        "targets": to_json(checked.targets),
+    }
     if recorded := dataset_sources(sources, checked.spec):
         fields["sources"] = recorded
     job = jobs.create(

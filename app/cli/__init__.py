@@ -9,6 +9,9 @@ admin.py    token create: straight to the service's database
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import typer
 
 from app.cli import admin, local, remote, service
@@ -21,6 +24,7 @@ app = typer.Typer(
 )
 
 # Registration order is the order `--help` lists them in.
+command: Callable[..., Any]
 for command in (local.schema, local.validate, local.train, local.export, service.serve):
     app.command()(command)
 app.command("worker")(service.worker_command)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from app.cli.terminal import SpecArg, console, err, fail
 from worker.engine.errors import DataError, SpecError
+
+if TYPE_CHECKING:  # the engine's training modules import torch: only when training
+    from worker.engine.callbacks import Callback
 
 InputShapeOpt = Annotated[
     list[str] | None,
@@ -109,7 +112,7 @@ def _max_params() -> int:
 
     class Limits(BaseSettings):
         model_config = SettingsConfigDict(env_prefix="TORCHYARD_", extra="ignore")
-        max_params: int = Settings.model_fields["max_params"]
+        max_params: int = Settings.model_fields["max_params"]  # type: ignore[assignment]
 
     try:
         return Limits().max_params
@@ -151,7 +154,7 @@ def train(
     from worker.engine.train import run_job
 
     spec = _load_spec(spec_path)
-    callbacks = [] if quiet else [ProgressBar(console)]
+    callbacks: list[Callback] = [] if quiet else [ProgressBar(console)]
     result = run_job(
         spec,
         out,

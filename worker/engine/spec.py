@@ -259,7 +259,7 @@ class LayerSpec(BaseModel):
 class NodeSpec(LayerSpec):
     """A node of a graph model: a layer (or merge op) applied to named inputs."""
 
-    name: str = Field(description="Unique node name.")  # type: ignore[assignment]
+    name: str = Field(description="Unique node name.")
     in_: str | list[str] = Field(alias="in", description="Input node(s) or model input(s).")
     share: str | None = Field(
         default=None, description="Reuse the module (weights and all) of another node."

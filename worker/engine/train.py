@@ -132,7 +132,7 @@ def prepare(
     inputs, targets = resolve_fields(spec.data, info.fields)
     built = build_model(spec, inputs, targets, device="meta", max_params=max_params)
     losses = spec.training.losses(spec.output_names)
-    dtypes = {
+    dtypes: dict[str, Any] = {
         "input_dtypes": {n: str(d).removeprefix("torch.") for n, d in built.input_dtypes.items()},
         "target_dtypes": {
             n: str(target_dtype(losses[n], targets[n])).removeprefix("torch.") for n in targets
@@ -629,7 +629,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """RNG states of the host and of the training GPU only: a resume may see other GPUs."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple form
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],

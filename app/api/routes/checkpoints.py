@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
@@ -22,7 +22,9 @@ FormatQuery = Annotated[
         description="pt2 (torch.export) or onnx: export the weights; default: the file as stored",
     ),
 ]
-DOWNLOAD = {200: {"content": {"application/octet-stream": {}}, "description": "The file"}}
+DOWNLOAD: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The file"}
+}
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])

@@ -214,14 +214,28 @@ async def metric_history(
     if from_step is not None and (since_step is None or from_step - 1 > since_step):
         since_step = from_step - 1  # from_step is inclusive, since_step exclusive
     histories = read_models(request).histories
-    range_ = {"names": names, "since_step": since_step, "until_step": until_step}
     columnar = shape == "columnar"
     if max_points is None:
-        stream = await histories.stream(job_id, user.id, **range_, columnar=columnar)
+        stream = await histories.stream(
+            job_id,
+            user.id,
+            names=names,
+            since_step=since_step,
+            until_step=until_step,
+            columnar=columnar,
+        )
         if stream is None:  # missing, or another user's: the same answer
             raise NotFound(f"no job {job_id!r}")
         return StreamingResponse(stream, media_type="application/json")
-    body = await histories.get(job_id, user.id, **range_, max_points=max_points, columnar=columnar)
+    body = await histories.get(
+        job_id,
+        user.id,
+        names=names,
+        since_step=since_step,
+        until_step=until_step,
+        max_points=max_points,
+        columnar=columnar,
+    )
     if body is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
     return Response(body, media_type="application/json")
