@@ -129,6 +129,10 @@ class JobOut(JobSummary):
     stopped_early: bool
     stop_reason: str | None
     spec: dict[str, Any]
+    disk_bytes: int = Field(
+        description="Bytes the job holds in the artifact store: its kept checkpoint files "
+        "(each once) and the exports cached beside them"
+    )
 
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
@@ -151,12 +155,26 @@ class JobOut(JobSummary):
             stopped_early=job.stopped_early,
             stop_reason=job.stop_reason,
             spec=job.spec,
+            disk_bytes=job.disk_bytes or 0,
         )
 
     @classmethod
     def render(cls, job: Job | Row[Any]) -> bytes:
         """The JSON answer of GET /jobs/{id} (kept as bytes by app.job_reads.ShownJobs)."""
         return cls.of(job).model_dump_json().encode()
+
+
+class UsageOf(BaseModel):
+    count: int
+    bytes: int
+
+
+class UsageOut(BaseModel):
+    """What the caller holds in the artifact store."""
+
+    datasets: UsageOf = Field(description="The caller's datasets: count and file bytes")
+    jobs: UsageOf = Field(description="The caller's jobs: count and the sum of their disk_bytes")
+    total_bytes: int
 
 
 class JobPage(BaseModel):
