@@ -143,8 +143,30 @@ def _store_checkpoint(
     value: float | None,
     lease_s: float,
 ) -> Checkpoint:
-    # The new file and row are committed before anything they supersede is removed
-    # (app/retention.py says why this survives a crash at any point).
+    checkpoint, dropped = commit_checkpoint(
+        sessions, artifacts, ref, temp, kind, epoch, step, monitor, value, lease_s
+    )
+    retention.unlink_unreferenced(sessions, artifacts, ref.job_id, dropped)
+    return checkpoint
+
+
+def commit_checkpoint(
+    sessions: Sessions,
+    artifacts: ArtifactStore,
+    ref: AttemptRef,
+    temp: TempFile,
+    kind: str,
+    epoch: int,
+    step: int,
+    monitor: str | None,
+    value: float | None,
+    lease_s: float,
+) -> tuple[Checkpoint, list[str]]:
+    """Move the file in, record its row and delete the rows it supersedes, in one commit.
+
+    Returns the checkpoint and the paths of the deleted rows, which the caller unlinks
+    after this commit (app/retention.py says why this survives a crash at any point).
+    """
     with session_scope(sessions) as session:
         job, _ = attempts.current(session, ref)
         attempts.extend_lease(job, lease_s)
@@ -167,8 +189,7 @@ def _store_checkpoint(
         # a late retry of a checkpoint the job no longer keeps is stored and dropped at once
         if recorded.created and not inspect(recorded.checkpoint).deleted:
             events.append(session, job.id, "checkpoint", checkpoint_json(recorded.checkpoint))
-    retention.unlink_unreferenced(sessions, artifacts, ref.job_id, dropped)
-    return recorded.checkpoint
+    return recorded.checkpoint, dropped
 
 
 def _place(
