@@ -63,13 +63,15 @@ def policy_of(spec: dict[str, Any]) -> Policy:
 
 def ranked(rows: Iterable[Checkpoint], policy: Policy) -> list[Checkpoint]:
     """The `best` and `top_k` rows, best first; ties keep the earlier epoch (as the engine's
-    `top_k_decision`), and a row without a finite value ranks last."""
+    `top_k_decision`). Rows without a finite value rank last, the newest first: the
+    engine saves `best` only when it improves, so the newest of them is the best."""
 
     def key(row: Checkpoint) -> tuple[bool, float, int, bool]:
         value = row.value
-        missing = value is None or math.isnan(value)
+        if value is None or math.isnan(value):
+            return (True, 0.0, -row.epoch, row.kind != "best")
         sign = 1.0 if policy.mode_for(row.monitor) == "min" else -1.0
-        return (missing, 0.0 if missing else sign * float(value), row.epoch, row.kind != "best")
+        return (False, sign * float(value), row.epoch, row.kind != "best")
 
     return sorted((r for r in rows if r.kind in RANKED), key=key)
 
