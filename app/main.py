@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits
-from app.api.routes import checkpoints, datasets, events, health, jobs, projects, worker
+from app.api.routes import checkpoints, datasets, events, health, jobs, projects, usage, worker
 from app.api.schemas import ERROR_RESPONSES, JobOut
 from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
@@ -36,6 +36,7 @@ from app.protocol import API_PREFIX
 from app.reconciler import Reconciler
 from app.store import users
 from app.submission import preload
+from app.sweep import sweep
 from app.telemetry import LatencyMiddleware, Telemetry
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         await run_in_threadpool(migrate_when_reachable, engine, settings.db_wait_s)
         if settings.token:
             await run_in_threadpool(ensure_admin_token, sessions, settings.token)
-        artifacts.sweep_temp()
+        # What a crash left (files no row names, rows without files): app/sweep.py
+        await run_in_threadpool(sweep, sessions, artifacts, grace_s=settings.orphan_grace_s)
         await run_in_threadpool(preload)
         # What is loaded by now (torch, the app) lives as long as the process: keep the
         # collector from walking it again on every full collection (with torch
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         events.router,
         checkpoints.router,
         projects.router,
+        usage.router,
     ):
         app.include_router(router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.claims, prefix=API_PREFIX, responses=ERROR_RESPONSES)

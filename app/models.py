@@ -157,6 +157,9 @@ class Job(Base):
     project: Mapped[str] = mapped_column(String(64), server_default="default")
     tags: Mapped[list[str]] = mapped_column(JSONType, server_default=text("'[]'"))
     note: Mapped[str] = mapped_column(Text, server_default="")
+    # Bytes the job holds in the artifact store: its kept checkpoint files (each once)
+    # and the exports cached beside them (app/retention.py)
+    disk_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class JobTag(Base):
@@ -274,4 +277,16 @@ class JobEvent(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(16))
     data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ArtifactStoreMark(Base):
+    """The one row naming the artifact root this database goes with (the root holds the
+    same mark in a file): the start-up sweep removes files only where the two agree,
+    so a service pointed at the wrong database never deletes a store's files."""
+
+    __tablename__ = "artifact_store_mark"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    mark: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

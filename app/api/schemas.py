@@ -140,6 +140,10 @@ class JobOut(JobSummary):
         description="Where each dataset came from, by its JSON path in the spec, as the "
         "submitting client said (X-Dataset-Sources); empty when it did not say"
     )
+    disk_bytes: int = Field(
+        description="Bytes the job holds in the artifact store: its kept checkpoint files "
+        "(each once) and the exports cached beside them"
+    )
 
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
@@ -163,12 +167,26 @@ class JobOut(JobSummary):
             stop_reason=job.stop_reason,
             spec=job.spec,
             dataset_sources=(job.fields or {}).get("sources", {}),
+            disk_bytes=job.disk_bytes or 0,
         )
 
     @classmethod
     def render(cls, job: Job | Row[Any]) -> bytes:
         """The JSON answer of GET /jobs/{id} (kept as bytes by app.job_reads.ShownJobs)."""
         return cls.of(job).model_dump_json().encode()
+
+
+class UsageOf(BaseModel):
+    count: int
+    bytes: int
+
+
+class UsageOut(BaseModel):
+    """What the caller holds in the artifact store."""
+
+    datasets: UsageOf = Field(description="The caller's datasets: count and file bytes")
+    jobs: UsageOf = Field(description="The caller's jobs: count and the sum of their disk_bytes")
+    total_bytes: int
 
 
 class JobPage(BaseModel):

@@ -4,7 +4,7 @@ local.py    schema, validate, train, export: the engine on this machine
 service.py  serve, worker: the service's processes (the one module that starts the worker)
 remote.py   upload, submit, jobs, status, cancel, metrics, download, rm, projects, tag, note:
             the REST API's client (through `torchyard.Client`)
-admin.py    token create: straight to the service's database
+admin.py    token create, admin gc-datasets: straight to the service's database
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ for command in (
 ):
     app.command()(command)
 app.add_typer(admin.token_app, name="token")
+app.add_typer(admin.admin_app, name="admin")
 
 
 def main() -> None:

@@ -99,6 +99,7 @@ SHOWN = (
     "tags",
     "note",
     "fields",  # JobOut shows fields["sources"]
+    "disk_bytes",
 )
 # The jobs of many ids at once, with their owner, for coalesced polls (`shown_by_id`).
 _SHOWN_BY_IDS = select(JOBS.c.user_id, *(JOBS.c[name] for name in SHOWN)).where(

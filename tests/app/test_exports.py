@@ -83,3 +83,38 @@ def test_training_state_and_bad_weights_do_not_export(sqlite_server):
             )
             assert response.status_code == 422, response.text
             assert isinstance(response.json()["detail"], str)
+
+
+def test_an_export_counts_in_disk_bytes_and_goes_with_its_checkpoint(sqlite_server):
+    from safetensors.torch import load, save
+
+    with sqlite_server.new_user() as user:
+        dataset = upload(user)
+        spec = job_spec(dataset["id"])
+        job = submit(user, spec)
+        attempt = claim(sqlite_server, job["id"])
+        tensors = load(trained_weights(spec))
+        folder = sqlite_server.settings.artifact_dir / "jobs" / job["id"] / "checkpoints"
+
+        def put_best(epoch: int, value: float) -> bytes:
+            body = save(tensors, metadata={"epoch": str(epoch)})  # other bytes each epoch
+            headers = {
+                "X-Sha256": hashlib.sha256(body).hexdigest(),
+                "X-Monitor": "val_loss",
+                "X-Value": str(value),
+            }
+            url = f"/worker/jobs/{job['id']}/checkpoints/best/{epoch}"
+            assert attempt.client.put(url, content=body, headers=headers).status_code == 201
+            return body
+
+        first = put_best(0, 0.5)
+        best = f"/jobs/{job['id']}/checkpoints/best"
+        exported = user.get(best, params={"format": "pt2"})
+        assert exported.status_code == 200, exported.text
+        assert {p.suffix for p in folder.iterdir()} == {".safetensors", ".pt2"}
+        shown = user.get(f"/jobs/{job['id']}").json()
+        assert shown["disk_bytes"] == len(first) + len(exported.content)
+
+        second = put_best(1, 0.4)  # a better epoch: the first and its export go
+        assert [p.read_bytes() for p in folder.iterdir()] == [second]
+        assert user.get(f"/jobs/{job['id']}").json()["disk_bytes"] == len(second)
