@@ -91,7 +91,7 @@ def test_list_pages_newest_first_with_an_opaque_cursor(server, user, dataset):
         if cursor is None:
             break
     assert seen == ids[::-1]
-    assert user.get("/jobs", params={"cursor": "%%%"}).status_code in (400, 422)
+    assert user.get("/jobs", params={"cursor": "%%%"}).status_code == 422
 
 
 def test_list_filters_by_status(user, dataset):
