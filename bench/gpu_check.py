@@ -251,7 +251,7 @@ def check_service(
     data: Path, tmp: Path, gpus: int, cpu_best: dict[str, float], on: str = "cuda"
 ) -> str:
     """`on="cpu"` (--cpu): one auto job on a CPU worker, to test this check's own plumbing."""
-    from app.client import ApiClient
+    from torchyard import Client
 
     workers = max(1, min(gpus, 2))
     port = free_port()
@@ -270,21 +270,21 @@ def check_service(
         token = wait(lambda: re.search(r"TORCHYARD_TOKEN=(\S+)", log.read_text()), 120, serve, log)
         url = f"http://127.0.0.1:{port}"
         wait(lambda: ready(url), 120, serve, log)
-        client = ApiClient(url, token.group(1))
-        train = client.upload(data / "digits_train.npz")["id"]
-        val = client.upload(data / "digits_val.npz")["id"]
+        client = Client(url, token.group(1))
+        train = client.datasets.upload(data / "digits_train.npz")["id"]
+        val = client.datasets.upload(data / "digits_val.npz")["id"]
 
         def service_spec(**training: Any) -> dict[str, Any]:
             doc = digits_spec(data, "auto", **training)
             doc["data"].update(train=train, validation=val)
             return doc
 
-        jobs = {f"auto {i}": client.submit(service_spec()) for i in range(workers)}
+        jobs = {f"auto {i}": client.submit(service_spec()).info for i in range(workers)}
         if on == "cuda":
             loader = service_spec(device="cuda")
             loader["data"].update(in_memory="never", num_workers=2)
-            jobs["cuda, 2 loader workers"] = client.submit(loader)
-            jobs["cuda, compile"] = client.submit(service_spec(device="cuda", compile=True))
+            jobs["cuda, 2 loader workers"] = client.submit(loader).info
+            jobs["cuda, compile"] = client.submit(service_spec(device="cuda", compile=True)).info
         done = {
             name: wait(lambda j=job: ended(client, j["id"]), 420, serve, log)
             for name, job in jobs.items()
@@ -294,12 +294,7 @@ def check_service(
             if job["status"] != "succeeded":
                 problems.append(f"{name}: {job['status']}: {job.get('error')}")
                 continue
-            lines = [
-                line
-                for _, kind, body in client.events(job["id"])
-                if kind == "log"
-                for line in body.get("lines", [])
-            ]
+            lines = client.job(job["id"]).logs()
             device = next((line for line in lines if line.startswith("device: ")), "")
             if not device.startswith(f"device: {on}"):
                 problems.append(f"{name}: ran on {device or 'no device line'}")
@@ -335,7 +330,7 @@ def ready(url: str) -> bool:
 
 
 def ended(client: Any, job_id: str) -> dict[str, Any] | None:
-    job = client.job(job_id)
+    job = client.job(job_id).info
     return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
 
