@@ -367,7 +367,8 @@ class Trainer:
     def _forward(
         self, inputs: dict[str, torch.Tensor], model: Callable[..., Any] | None = None
     ) -> dict[str, torch.Tensor]:
-        out = (model or self.forward_model)(*[inputs[name] for name in self.input_names])
+        model = self.forward_model if model is None else model  # (a compiled one has no bool)
+        out = model(*[inputs[name] for name in self.input_names])
         return {self.output_names[0]: out} if self.single_output else out
 
     def _share_weight(self, i: int, rows: int) -> float:
