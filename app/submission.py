@@ -60,6 +60,14 @@ def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) 
             "training.epochs",
             f"this service runs at most {settings.max_epochs} epochs, found {spec.training.epochs}",
         )
+    if spec.resources.world_size > 1:
+        # The engine trains data-parallel (worker.engine.distributed); the workers do not
+        # start ranks yet, nor hold several GPUs or nodes for one job.
+        raise SpecError.at(
+            "resources",
+            f"this service runs a job as one process; {spec.resources.world_size} ranks "
+            f"(data-parallel) run on one machine with `torchyard train`",
+        )
     refs = dataset_refs(spec)
     found = datasets.get_many(session, user_id, set(refs.values()))
     missing = [

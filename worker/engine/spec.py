@@ -493,6 +493,11 @@ class TrainingSpec(Strict):
         "off by default, as in PyTorch",
     )
     log_every_n_steps: int = Field(default=50, ge=1)
+    sync_batchnorm: bool = Field(
+        default=False,
+        description="data-parallel runs on GPUs: BatchNorm statistics over the global batch "
+        "(torch.nn.SyncBatchNorm) instead of each rank's share",
+    )
 
     @field_validator("device")
     @classmethod
@@ -553,11 +558,44 @@ class CallbacksSpec(Strict):
     terminate_on_nan: bool = True
 
 
+MAX_RANKS_PER_NODE = 64
+MAX_NODES_PER_JOB = 256
+
+
 class ResourcesSpec(Strict):
-    gpus: Literal[0, 1] | None = Field(
-        default=None, description="GPUs to reserve; default 1 when training.device is cuda, else 0."
+    """Where a job runs. More than one rank in all (gpus or processes, times nodes) trains
+    data-parallel: DistributedDataParallel, one rank per GPU (NCCL) or per CPU process (gloo)."""
+
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_RANKS_PER_NODE,
+        description="GPUs per node, one rank each; default 1 when training.device is cuda, else 0.",
+    )
+    processes: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_RANKS_PER_NODE,
+        description="CPU ranks per node (gloo), for training without GPUs; not with gpus.",
+    )
+    nodes: int = Field(
+        default=1, ge=1, le=MAX_NODES_PER_JOB, description="machines the ranks are spread over"
     )
     memory_gb: float | None = Field(default=None, gt=0)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus or self.processes or 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: the global batch is split among them."""
+        return self.ranks_per_node * self.nodes
+
+    @property
+    def gpu_ranks(self) -> bool:
+        """One rank per GPU (NCCL); otherwise ranks on CPUs (gloo)."""
+        return bool(self.gpus)
 
 
 # -------------------------------------------------------------------- a job
@@ -632,11 +670,78 @@ def parse_spec(document: str | bytes | dict[str, Any]) -> JobSpec:
             [SpecIssue("", f"a job spec is a JSON object, found {type(document).__name__}")]
         )
     try:
-        return JobSpec.model_validate(document)
+        spec = JobSpec.model_validate(document)
     except ValidationError as exc:
         raise SpecError.from_validation(exc, document) from None
     except RecursionError:
         raise SpecError([SpecIssue("", "JSON nested too deeply")]) from None
+    issues = resource_issues(spec)
+    if issues:
+        raise SpecError(issues)
+    return spec
+
+
+def resource_issues(spec: JobSpec) -> list[SpecIssue]:
+    """What in `resources` does not fit the rest of the spec, each at its own path.
+
+    Checked here, not in a model validator: these name places in other sections
+    (`data.batch_size`, `training.device`), which a validator's error cannot."""
+    res, training = spec.resources, spec.training
+    issues: list[SpecIssue] = []
+    if res.processes is not None and res.gpus:
+        issues.append(
+            SpecIssue(
+                "resources.processes",
+                f"give processes (CPU ranks) or gpus (a rank per GPU), not both; "
+                f"found processes {res.processes} and gpus {res.gpus}",
+            )
+        )
+        return issues
+    world = res.world_size
+    if world > 1 and not res.gpu_ranks and training.device.startswith("cuda"):
+        issues.append(
+            SpecIssue(
+                "resources.processes" if res.processes is not None else "resources.nodes",
+                f"{world} ranks without resources.gpus run on CPUs (gloo), but training.device "
+                f"is {training.device!r}: give resources.gpus for a rank per GPU",
+            )
+        )
+    if res.gpus is not None and res.gpus > 1:
+        if training.device == "cpu":
+            issues.append(
+                SpecIssue(
+                    "training.device",
+                    f"resources.gpus {res.gpus} trains on GPUs, but training.device is 'cpu': "
+                    f"use 'auto' or 'cuda', or resources.processes for CPU ranks",
+                )
+            )
+        elif training.device.startswith("cuda:"):
+            issues.append(
+                SpecIssue(
+                    "training.device",
+                    f"resources.gpus {res.gpus} runs a rank on each GPU of the job's set; "
+                    f"{training.device!r} names one GPU: use 'cuda' or 'auto'",
+                )
+            )
+    if training.sync_batchnorm and world > 1 and not res.gpu_ranks:
+        issues.append(
+            SpecIssue(
+                "training.sync_batchnorm",
+                "torch.nn.SyncBatchNorm runs on GPU ranks only; CPU ranks (gloo) normalise "
+                "each rank's share of the batch: set it false, or train on resources.gpus",
+            )
+        )
+    if spec.data.batch_size % world:
+        shape = f"{res.ranks_per_node} {'gpus' if res.gpu_ranks else 'processes'}"
+        issues.append(
+            SpecIssue(
+                "data.batch_size",
+                f"the global batch is split evenly among the {world} ranks ({shape} x "
+                f"{res.nodes} node{'s' if res.nodes > 1 else ''}): {spec.data.batch_size} is "
+                f"not a multiple of {world}",
+            )
+        )
+    return issues
 
 
 def job_schema() -> dict[str, Any]:
