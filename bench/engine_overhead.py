@@ -18,13 +18,25 @@ epoch (metrics, the checkpoint decision and file), not only the batches.
     .venv/bin/python bench/engine_overhead.py [--epochs 3] [--repeats 5] [--rows 200000] [--threads 1]
 
 Goal: engine/plain <= 1.03 on CPU. Exits non-zero only on an error.
+
+`--whole`: whole processes, from the command to its exit. `torchyard train`
+(`python -m app.cli train SPEC --out DIR -q`) of the MLP with a 10% validation
+split, accuracy, best weights and last.pt each epoch, against bench/hand_loop.py,
+a script doing that same work with torch alone; torch's default threads on both
+sides; runs alternated ABBA. Prints each pair's ratios of wall time and of the
+process's CPU time (user + system), their medians and spread, and both sides'
+last val_loss (equal: the same arithmetic). Goal: engine/plain <= 1.02.
+
+    .venv/bin/python bench/engine_overhead.py --whole [--epochs 3] [--repeats 4] [--rows 200000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -163,6 +175,60 @@ def engine(doc: dict, run_dir: Path) -> tuple[list[float], list[float], float]:
     return wall, clock.epochs, losses[-1]
 
 
+def whole_processes(args: argparse.Namespace) -> int:
+    """`torchyard train` against bench/hand_loop.py, as processes: see the module's doc."""
+    case = CASES["mlp 200k x 64"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    walls: dict[str, list[float]] = {"plain": [], "engine": []}
+    cpus: dict[str, list[float]] = {"plain": [], "engine": []}
+    losses: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "mlp.npz"
+        make_data(data, args.rows, case["shape"])
+        doc = spec_for(case, data, args.epochs)
+        doc["data"]["validation"] = {"split": 0.1}
+        doc["training"]["metrics"] = ["accuracy"]
+        doc["callbacks"] = {"checkpoint": {"monitor": "val_loss"}}
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps(doc))
+        for repeat in range(args.repeats):
+            for which in ("plain", "engine") if repeat % 2 == 0 else ("engine", "plain"):
+                out = Path(tmp) / f"{which}-{repeat}"
+                if which == "plain":
+                    command = [sys.executable, str(ROOT / "bench" / "hand_loop.py"), str(data)]
+                    command += [str(out), "--epochs", str(args.epochs)]
+                else:
+                    command = [sys.executable, "-m", "app.cli", "train", str(spec), "--out"]
+                    command += [str(out), "-q"]
+                started = time.perf_counter()
+                process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
+                _, status, usage = os.wait4(process.pid, 0)
+                walls[which].append(time.perf_counter() - started)
+                cpus[which].append(usage.ru_utime + usage.ru_stime)
+                output = process.stdout.read().decode() if process.stdout else ""
+                process.stdout.close() if process.stdout else None
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise SystemExit(f"{which} run failed:\n{output}")
+                if which == "plain":
+                    losses[which] = float(output.split("val_loss")[-1])
+                else:
+                    result = json.loads((out / "result.json").read_text())
+                    losses[which] = result["final_metrics"]["val_loss"]
+    print(f"whole processes, {args.repeats} runs each, {args.epochs} epochs of {args.rows:,} rows")
+    print(f"{'':<8} {'plain s':>9} {'engine s':>9} {'engine/plain (median, min-max)':>32}")
+    for name, clock in (("wall", walls), ("cpu", cpus)):
+        ratios = [e / p for e, p in zip(clock["engine"], clock["plain"], strict=True)]
+        print(
+            f"{name:<8} {statistics.median(clock['plain']):>9.2f}"
+            f" {statistics.median(clock['engine']):>9.2f}"
+            f" {statistics.median(ratios):>12.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+        )
+        print(f"  {name} ratio of each pair: " + ", ".join(f"{r:.3f}" for r in ratios))
+    print(f"last val_loss: plain {losses['plain']:.6f}, engine {losses['engine']:.6f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}. Goal: wall ratio <= 1.02")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first untimed)")
@@ -170,7 +236,10 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--whole", action="store_true", help="whole processes (see above)")
     args = parser.parse_args()
+    if args.whole:
+        return whole_processes(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows_out = []
