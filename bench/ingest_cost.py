@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from service_harness import database, migrate, print_table, scratch
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from app.api.routes.worker import _record_metrics
 from app.api.schemas import MetricsIn
@@ -183,6 +183,15 @@ def compare(url: str, batch: int, batches: int) -> int:
     ]
     print(f"postgres; {batches} batches of {batch:,} points each, interleaved; in process, no HTTP")
     print_table(["report", "ms a batch (mean)", "median", "points/s", "speed-up"], rows)
+    with session_scope(reporters[0][2]) as session:
+        methods = session.execute(
+            text(
+                "SELECT job_id, pg_column_compression(steps), count(*) FROM metric_chunks "
+                "GROUP BY 1, 2"
+            )
+        ).all()
+    jobs = {job_id: name for name, _, _, job_id, _ in reporters}
+    print("chunks by compression: " + ", ".join(f"{jobs[j]}: {n} {m}" for j, m, n in methods))
     return 0
 
 
