@@ -22,7 +22,7 @@ from app.db import Sessions, session_scope
 from app.dispatch import Dispatcher, send_after_commit
 from app.errors import BadRequest
 from app.models import Checkpoint, Job
-from app.store import attempts, checkpoints, datasets, events, metrics
+from app.store import attempts, checkpoints, datasets, events, metric_reports, metrics
 from app.store.attempts import AttemptRef
 from app.store.metric_rollups import Point
 
@@ -62,24 +62,39 @@ def claim_job(session: Session, job_id: str, worker: str, settings: Settings) ->
 
 
 def record_metrics(
-    session: Session, job: Job, points: list[dict[str, Any]], lease_s: float
+    session: Session,
+    job: Job,
+    points: list[dict[str, Any]],
+    lease_s: float,
+    *,
+    pipeline: bool | None = None,
 ) -> tuple[int, bool]:
     """Store the points not stored yet; returns (how many were new, cancel requested).
     The caller holds the job's row lock (`attempts.lock_by_token`).
 
-    The job row's changes (lease, latest values, progress) go out as one UPDATE with
-    the event's INSERT, after the points' statements: each statement is a round trip
-    to the database, and per batch they cost more than the points themselves.
+    Each statement is a round trip to the database, and per batch they cost more
+    than the points themselves. With `pipeline` (by default where the driver has
+    it: Postgres) every write and the COMMIT go in one round trip
+    (app/store/metric_reports.py), and the transaction is committed on return.
+    Otherwise the job row's changes (lease, latest values, progress) go out as one
+    UPDATE with the event's INSERT, after the points' statements, and the caller
+    commits.
     """
+    cancel = job.cancel_requested
     with session.no_autoflush:
-        new = metrics.insert_points(session, job, points)
+        new = metrics.plan_points(session, job, points)
     attempts.extend_lease(job, lease_s)
     if new.series:
         _advance_progress(job, new.newest())
+    if pipeline if pipeline is not None else metric_reports.can_pipeline(session):
+        metric_reports.commit(session, job, new)
+        return new.count, cancel
+    metrics.run_writes(session, new.writes)
+    if new.series:
         # The event names the chunks the points went to; streams read them from there
         # (app.event_stream), so a batch of thousands of points is not stored twice.
         events.append(session, job.id, "metrics", {"chunks": new.chunk_keys()})
-    return new.count, job.cancel_requested
+    return new.count, cancel
 
 
 def _advance_progress(job: Job, newest: Point) -> None:

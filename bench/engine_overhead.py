@@ -18,13 +18,28 @@ epoch (metrics, the checkpoint decision and file), not only the batches.
     .venv/bin/python bench/engine_overhead.py [--epochs 3] [--repeats 5] [--rows 200000] [--threads 1]
 
 Goal: engine/plain <= 1.03 on CPU. Exits non-zero only on an error.
+
+`--whole`: whole processes, from the command to its exit. `torchyard train`
+(`python -m app.cli train SPEC --out DIR -q`) of the MLP with a 10% validation
+split, accuracy, best weights and last.pt each epoch, against bench/hand_loop.py,
+a script doing that same work with torch alone; torch's default threads on both
+sides; the sides' runs in a rotating order. Prints each repeat's ratios of wall
+time and of the process's CPU time (user + system), their medians and spread,
+and each side's last val_loss (equal: the same arithmetic). Goal: engine/plain
+<= 1.02.
+
+    .venv/bin/python bench/engine_overhead.py --whole [--epochs 3] [--repeats 4] [--rows 200000]
+        [--also /path/to/another/checkout]  (its `torchyard train` too, in the same rotation)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -163,6 +178,75 @@ def engine(doc: dict, run_dir: Path) -> tuple[list[float], list[float], float]:
     return wall, clock.epochs, losses[-1]
 
 
+def whole_processes(args: argparse.Namespace) -> int:
+    """`torchyard train` against bench/hand_loop.py, as processes: see the module's doc."""
+    case = CASES["mlp 200k x 64"]
+    # each side: (command maker, the tree whose code it runs)
+    trees = {"engine": ROOT, **({"engine@also": args.also.resolve()} if args.also else {})}
+    sides = ["plain", *trees]
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    cpus: dict[str, list[float]] = {side: [] for side in sides}
+    losses: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "mlp.npz"
+        make_data(data, args.rows, case["shape"])
+        doc = spec_for(case, data, args.epochs)
+        doc["data"]["validation"] = {"split": 0.1}
+        doc["training"]["metrics"] = ["accuracy"]
+        doc["callbacks"] = {"checkpoint": {"monitor": "val_loss"}}
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps(doc))
+        for repeat in range(args.repeats):
+            # rotated, so no side always runs first (or right after another)
+            k = repeat % len(sides)
+            for which in sides[k:] + sides[:k]:
+                out = Path(tmp) / f"{which}-{repeat}"
+                tree = trees.get(which, ROOT)
+                if which == "plain":
+                    command = [sys.executable, str(ROOT / "bench" / "hand_loop.py"), str(data)]
+                    command += [str(out), "--epochs", str(args.epochs)]
+                else:
+                    command = [sys.executable, "-m", "app.cli", "train", str(spec), "--out"]
+                    command += [str(out), "-q"]
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                started = time.perf_counter()
+                process = subprocess.Popen(
+                    command, env=env, cwd=tree, stdout=subprocess.PIPE, text=True
+                )
+                output, _ = process.communicate()
+                walls[which].append(time.perf_counter() - started)
+                if process.returncode != 0:
+                    raise SystemExit(f"{which} run failed:\n{output}")
+                if which == "plain":
+                    losses[which] = float(output.split("val_loss")[-1])
+                else:
+                    result = json.loads((out / "result.json").read_text())
+                    losses[which] = result["final_metrics"]["val_loss"]
+                cpus[which].append(_children_cpu() - sum(sum(c) for c in cpus.values()))
+    print(
+        f"whole processes, {args.repeats} runs a side, {args.epochs} epochs of {args.rows:,} rows;"
+        f" load average at the end {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'side':<12} {'clock':<5} {'s (median)':>10} {'/plain (median, min-max)':>28}")
+    for side in sides:
+        for name, clock in (("wall", walls), ("cpu", cpus)):
+            ratios = [e / p for e, p in zip(clock[side], clock["plain"], strict=True)]
+            print(
+                f"{side:<12} {name:<5} {statistics.median(clock[side]):>10.2f}"
+                f" {statistics.median(ratios):>12.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+                + ("" if side == "plain" else "  each: " + ", ".join(f"{r:.3f}" for r in ratios))
+            )
+    print("last val_loss: " + ", ".join(f"{side} {loss:.6f}" for side, loss in losses.items()))
+    print("Goal: engine/plain wall <= 1.02")
+    return 0
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of all the children waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first untimed)")
@@ -170,7 +254,11 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--whole", action="store_true", help="whole processes (see above)")
+    parser.add_argument("--also", type=Path, help="--whole: also the engine of this checkout")
     args = parser.parse_args()
+    if args.whole:
+        return whole_processes(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows_out = []

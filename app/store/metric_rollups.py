@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, and_, literal_column, or_, select, text
+from sqlalchemy import Executable, Table, and_, literal_column, or_, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -111,8 +111,16 @@ def add(session: Session, job_id: str, points: Iterable[dict[str, Any]]) -> None
 
 def add_series(session: Session, job_id: str, by_name: dict[str, list[Point]]) -> None:
     """`add` for new points already grouped by name, each series sorted by step."""
-    if not by_name:
-        return
+    if by_name:
+        statement, params = series_write(session.get_bind().dialect.name, job_id, by_name)
+        session.execute(statement, params)
+
+
+def series_write(
+    dialect: str, job_id: str, by_name: dict[str, list[Point]]
+) -> tuple[Executable, Any]:
+    """The statement (and its parameters) that folds new points, grouped by name and
+    each series sorted by step (not empty), into the stored rollups: one upsert."""
     fresh: dict[tuple[str, int, int], Summary] = {}
     for name, series in by_name.items():
         level_rows = _finest(series)
@@ -120,7 +128,7 @@ def add_series(session: Session, job_id: str, by_name: dict[str, list[Point]]) -
             if n:
                 level_rows = regrouped(level_rows.items(), level - LEVELS[n - 1])
             fresh.update(((name, level, b), s) for b, s in level_rows.items())
-    _upsert(session, job_id, fresh)
+    return _upsert(dialect, job_id, fresh)
 
 
 def _finest(series: list[Point]) -> dict[int, Summary]:
@@ -154,21 +162,17 @@ def _finest(series: list[Point]) -> dict[int, Summary]:
     }
 
 
-def _upsert(session: Session, job_id: str, summaries: dict[tuple[str, int, int], Summary]) -> None:
+def _upsert(
+    dialect: str, job_id: str, summaries: dict[tuple[str, int, int], Summary]
+) -> tuple[Executable, Any]:
     rows = [
         {"name": name, "level": level, "bucket": bucket, **_values(summary)}
         for (name, level, bucket), summary in summaries.items()
     ]
-    if session.get_bind().dialect.name == "postgresql":
+    if dialect == "postgresql":
         # one statement, the rows as one JSON document (as for the points)
-        session.execute(_PG_UPSERT, {"job_id": job_id, "rows": json.dumps(rows)})
-        return
-    stmt = sqlite_insert(ROLLUPS)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["job_id", "name", "level", "bucket"],
-        set_={column: literal_column(sql) for column, sql in _MERGED.items()},
-    )
-    session.execute(stmt, [{"job_id": job_id, **row} for row in rows])
+        return _PG_UPSERT, {"job_id": job_id, "rows": json.dumps(rows)}
+    return _SQLITE_UPSERT, [{"job_id": job_id, **row} for row in rows]
 
 
 def _merged() -> dict[str, str]:
@@ -217,6 +221,10 @@ def _pg_upsert() -> Any:
 
 
 _PG_UPSERT = _pg_upsert()
+_SQLITE_UPSERT = sqlite_insert(ROLLUPS).on_conflict_do_update(
+    index_elements=["job_id", "name", "level", "bucket"],
+    set_={column: literal_column(sql) for column, sql in _MERGED.items()},
+)
 
 
 def _columns() -> list[Any]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, func, select, text, tuple_
+from sqlalchemy import Executable, Table, func, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from app.models import Job, MetricChunk
@@ -18,6 +18,10 @@ from app.store import metric_rollups
 from app.store.metric_rollups import Point
 
 CHUNKS = cast(Table, MetricChunk.__table__)
+# How a chunk's arrays are packed (little-endian; NaN stands for a null value).
+DTYPES = {"steps": "<i8", "epochs": "<i4", "values": "<f8", "times": "<f8"}
+# A statement and its parameters (a list of them: executemany)
+Write = tuple[Executable, dict[str, Any] | list[dict[str, Any]]]
 
 
 def finite(value: float | None) -> float | None:
@@ -45,6 +49,8 @@ class Stored:
 
     series: dict[str, list[Point]] = field(default_factory=dict)
     chunks: dict[str, int] = field(default_factory=dict)  # name -> first_step of its chunk
+    # The statements that store them, in order (`plan_points` leaves them to its caller).
+    writes: list[Write] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -64,7 +70,21 @@ class Stored:
 
 
 def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) -> Stored:
-    """Store what is new (a retried batch adds nothing); return what was newly stored.
+    """Store what is new (a retried batch adds nothing); return what was newly stored."""
+    stored = plan_points(session, job, points)
+    run_writes(session, stored.writes)
+    return stored
+
+
+def run_writes(session: Session, writes: Iterable[Write]) -> None:
+    for statement, params in writes:
+        session.execute(statement, params)
+
+
+def plan_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) -> Stored:
+    """What of `points` is new (a retried batch adds nothing), and the statements that
+    store it, left in `Stored.writes` for the caller to run (`run_writes`, or in one
+    round trip with the commit: app/store/metric_reports.py).
 
     Each series' steps not stored yet go into one chunk (a row of packed arrays):
     the series' last chunk while it is small, else a new one. A worker reports a
@@ -73,8 +93,8 @@ def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) 
     keeps it) and nothing need be read; a retried, overlapping or late batch (a
     resumed attempt repeats the steps since its checkpoint) has the steps stored
     already in its range read and left out. Also moves the job's latest values
-    forward and folds the new points into the series' rollups. The caller holds
-    the job's row lock.
+    forward (on the ORM object) and folds the new points into the series' rollups.
+    The caller holds the job's row lock.
     """
     by_name: dict[str, dict[int, Point]] = {}
     for p in points:
@@ -99,9 +119,10 @@ def insert_points(session: Session, job: Job, points: Iterable[dict[str, Any]]) 
             stored.series[name] = [series[step] for step in steps]
     if not stored.series:
         return stored
-    tails = _write_chunks(session, job.id, latest, stored)
+    dialect = session.get_bind().dialect.name
+    tails = _chunk_writes(dialect, job.id, latest, stored)
     _advance_latest(job, stored, tails)
-    metric_rollups.add_series(session, job.id, stored.series)
+    stored.writes.append(metric_rollups.series_write(dialect, job.id, stored.series))
     return stored
 
 
@@ -116,12 +137,25 @@ CHUNK_POINTS = 4096
 APPEND_BELOW = 256
 
 
-def _write_chunks(
-    session: Session, job_id: str, latest: dict[str, Any], stored: Stored
+def _append_chunk(blob: str) -> Executable:
+    arrays = ", ".join(f'"{c}" = CAST("{c}" || :{c} AS {blob})' for c in DTYPES)
+    return text(
+        f"UPDATE metric_chunks SET last_step = :last_step, count = count + :count, "
+        f"{arrays} WHERE job_id = :job_id AND name = :name AND first_step = :first_step"
+    )
+
+
+_INSERT_CHUNK = CHUNKS.insert()
+_APPEND_CHUNK = {"postgresql": _append_chunk("bytea"), "sqlite": _append_chunk("BLOB")}
+
+
+def _chunk_writes(
+    dialect: str, job_id: str, latest: dict[str, Any], stored: Stored
 ) -> dict[str, list[int]]:
     """Append each series' new points to its last chunk while that is small and they all
-    come after it; else store them as a chunk of their own. Returns the series' new
-    last chunks, [first_step, count, last_step], for latest_metrics to keep."""
+    come after it; else store them as a chunk of their own (the statements go to
+    `stored.writes`). Returns the series' new last chunks, [first_step, count,
+    last_step], for latest_metrics to keep."""
     appends: list[dict[str, Any]] = []
     inserts: list[dict[str, Any]] = []
     tails: dict[str, list[int]] = {}
@@ -144,17 +178,9 @@ def _write_chunks(
             if "step" not in seen or points[-1][0] > seen["step"]:  # not a late batch's
                 tails[name] = [points[0][0], len(points), points[-1][0]]
     if inserts:
-        session.execute(CHUNKS.insert(), inserts)
+        stored.writes.append((_INSERT_CHUNK, inserts))
     if appends:
-        blob = "bytea" if session.get_bind().dialect.name == "postgresql" else "BLOB"
-        arrays = ", ".join(f'"{c}" = CAST("{c}" || :{c} AS {blob})' for c in DTYPES)
-        session.execute(
-            text(
-                f"UPDATE metric_chunks SET last_step = :last_step, count = count + :count, "
-                f"{arrays} WHERE job_id = :job_id AND name = :name AND first_step = :first_step"
-            ),
-            appends,
-        )
+        stored.writes.append((_APPEND_CHUNK[dialect], appends))
     return tails
 
 
@@ -219,10 +245,6 @@ def _stored_steps(session: Session, job_id: str, name: str, lo: int, hi: int) ->
         steps = np.frombuffer(blob, DTYPES["steps"])
         found.update(steps[(steps >= lo) & (steps <= hi)].tolist())
     return found
-
-
-# How a chunk's arrays are packed (little-endian; NaN stands for a null value).
-DTYPES = {"steps": "<i8", "epochs": "<i4", "values": "<f8", "times": "<f8"}
 
 
 def _pack(job_id: str, name: str, points: list[Point]) -> dict[str, Any]:
