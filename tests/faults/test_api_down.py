@@ -64,6 +64,7 @@ def test_training_goes_on_while_the_api_is_down_and_nothing_is_lost(
     reference = reference_run(spec, examples_dir, tmp_path / "reference")
     assert without_timing(series_of(client, job["id"])) == reference.points  # no point lost
     files = assert_downloads_match_listing(stack, job["id"], tmp_path)
-    assert {f"last-{e}" for e in range(EPOCHS)} <= set(files)  # every checkpoint arrived
+    # every checkpoint arrived, and retention kept the newest last and the best (top 1)
+    assert set(files) == {f"last-{EPOCHS - 1}", f"best-{final['best']['epoch']}"}
     state = torch.load(files[f"last-{EPOCHS - 1}"], map_location="cpu", weights_only=True)
     assert_same_tensors(state["model"], reference.last_model)

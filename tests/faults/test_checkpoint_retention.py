@@ -67,8 +67,8 @@ def test_twenty_epochs_with_save_top_k_2_end_with_three_files(
     train_id, val_id = upload_digits(client, examples_dir)
     stack.wait_workers_listening()
     job = client.submit(_spec(train_id, val_id))
-    final = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=600)
-    _assert_three_files_kept(stack, job["id"], final, tmp_path)
+    final = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, timeout=600)
+    _assert_three_files_kept(stack, job.id, final, tmp_path)
 
 
 @pytest.mark.slow
@@ -84,13 +84,13 @@ def test_three_files_also_after_the_worker_was_killed_and_the_job_resumed(
     stack.wait_workers_listening()
     job = client.submit(_spec(train_id, val_id))
 
-    victim = _running_worker(stack, job["id"])
-    _training_after_a_checkpoint(stack, victim, job["id"])
+    victim = _running_worker(stack, job.id)
+    _training_after_a_checkpoint(stack, victim, job.id)
     stack.kill_worker(victim)
 
-    final = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=600)
-    (_, first, outcome1), (_, second, outcome2) = stack.attempts(job["id"])
+    final = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, timeout=600)
+    (_, first, outcome1), (_, second, outcome2) = stack.attempts(job.id)
     assert (outcome1, outcome2) == ("lost", "succeeded")
     assert first.startswith(victim) and not second.startswith(victim)
     assert '/resume "HTTP/1.1 200 OK"' in stack.log(f"worker-{second.split(':')[0]}")
-    _assert_three_files_kept(stack, job["id"], final, tmp_path)
+    _assert_three_files_kept(stack, job.id, final, tmp_path)

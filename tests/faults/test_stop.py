@@ -206,7 +206,8 @@ class Serve:
                 up = httpx.get(self.url + "/readyz", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
-            return up and " ready." in self.log.read_text(errors="replace")
+            # serve says so once its worker takes jobs (Celery's own lines go to its log file)
+            return up and "worker ready" in self.log.read_text(errors="replace")
 
         wait_for(ready, timeout=180, every=0.2)
 
