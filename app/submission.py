@@ -41,6 +41,25 @@ def preload() -> None:
     import worker.engine.spec  # noqa: F401
 
 
+def _check_resources(resources: Any) -> None:
+    """A worker starts the ranks of one node itself (worker/ranks.py); it holds one GPU
+    (`--gpu N`), and workers do not yet gather into a gang of several nodes."""
+    from worker.engine.errors import SpecError
+
+    if resources.nodes > 1:
+        raise SpecError.at(
+            "resources.nodes",
+            f"this service runs a job on one worker; {resources.nodes} nodes run under "
+            f"torchrun on each machine",
+        )
+    if (resources.gpus or 0) > 1:
+        raise SpecError.at(
+            "resources.gpus",
+            f"a service worker trains on one GPU, found {resources.gpus}; use processes "
+            f"(CPU ranks) here, or run {resources.gpus} GPU ranks with `torchyard train`",
+        )
+
+
 def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) -> CheckedSpec:
     """Everything that can be known before training: schema, datasets, fields, graph, shapes, size.
 
@@ -60,14 +79,7 @@ def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) 
             "training.epochs",
             f"this service runs at most {settings.max_epochs} epochs, found {spec.training.epochs}",
         )
-    if spec.resources.world_size > 1:
-        # The engine trains data-parallel (worker.engine.distributed); the workers do not
-        # start ranks yet, nor hold several GPUs or nodes for one job.
-        raise SpecError.at(
-            "resources",
-            f"this service runs a job as one process; {spec.resources.world_size} ranks "
-            f"(data-parallel) run on one machine with `torchyard train`",
-        )
+    _check_resources(spec.resources)
     refs = dataset_refs(spec)
     found = datasets.get_many(session, user_id, set(refs.values()))
     missing = [

@@ -4,7 +4,7 @@ Training runs in a child process so a segfault, an OOM kill or a cancel ends
 that job and not the worker. The parent only moves reports and heartbeats.
 
 Lifecycle: the child dies with the worker, however the worker dies
-(`_die_with_parent`). A worker told to stop (SIGTERM, or Ctrl-C: Celery's warm
+(`die_with_parent`). A worker told to stop (SIGTERM, or Ctrl-C: Celery's warm
 shutdown calls `request_stop`) does not wait for the job to end: it sends the
 child SIGTERM, the child saves a mid-epoch `last.pt` at its next optimizer step
 and exits, the parent uploads it and releases the job (`queued` at once; the
@@ -85,7 +85,7 @@ def train_in_child(
     """Entry point of the training child (spawned: no state shared with the parent).
 
     Ends the process itself once its reports are flushed (`_exit_now`)."""
-    _die_with_parent(parent_pid or os.getppid())
+    die_with_parent(parent_pid or os.getppid())
     # A spawned process inherits "spawn" as its default start method: the DataLoader's
     # workers would each import torch anew and get the dataset pickled (seconds, and a
     # copy per worker). Back to this platform's default (fork on Linux), as in any run.
@@ -101,15 +101,21 @@ def train_in_child(
 
         spec = pin_to_worker_gpu(parse_spec(spec_doc), os.environ.get("TORCHYARD_GPU"))
         path = Path(run_dir)
-        result = run_job(
-            spec,
-            path,
-            resolve=lambda ref: Path(datasets[ref]),
-            reporter=QueueReporter(outbox, cancel, path),
-            callbacks=[ProgressToQueue(outbox)],
-            resume=resume,
-            preempt=preempt.is_set,
-        )
+        if spec.resources.world_size > 1:  # data-parallel: this process is the ranks' agent
+            from worker.ranks import train_ranks
+
+            nproc = spec.resources.world_size
+            result = train_ranks(spec_doc, run_dir, datasets, resume, outbox, cancel, nproc)
+        else:
+            result = run_job(
+                spec,
+                path,
+                resolve=lambda ref: Path(datasets[ref]),
+                reporter=QueueReporter(outbox, cancel, path),
+                callbacks=[ProgressToQueue(outbox)],
+                resume=resume,
+                preempt=preempt.is_set,
+            )
     except BaseException as exc:
         # Anything run_job let through: one line for the job's error, the traceback
         # for its log (the worker's stderr is not the user's to read).
@@ -147,7 +153,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else "(no message)"
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """End this process when the worker that started it dies, however it dies.
 
     A training child left behind keeps its GPU busy and reports to nobody, even
@@ -262,7 +268,7 @@ def _supervise(
     cancel = context.Event()
     # Not daemonic: a daemonic process may not have children, and a DataLoader with
     # num_workers > 0 starts some. It dies with this process all the same
-    # (`_die_with_parent`), and `_watch` ends it before returning.
+    # (`die_with_parent`), and `_watch` ends it before returning.
     child = context.Process(
         target=train_in_child,
         args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel, os.getpid()),

@@ -180,15 +180,29 @@ def test_no_pickle_reads_user_bytes_anywhere():
         assert "weights_only=False" not in text, path
 
 
-def test_a_data_parallel_job_is_refused_until_workers_start_ranks(make_server):
+def test_a_job_of_several_cpu_ranks_on_one_node_is_accepted(make_server):
     server = make_server()
     with server.new_user() as client:
         dataset = upload(client)
         response = client.post(
             "/jobs", json=job_spec(dataset["id"], resources={"processes": 2, "nodes": 1})
         )
-        assert response.status_code == 422
-        [issue] = response.json()["detail"]
-        assert issue["path"] == "resources"
-        assert "2 ranks" in issue["message"] and "torchyard train" in issue["message"]
+        assert response.status_code == 201, response.text
+        assert response.json()["spec"]["resources"]["processes"] == 2
+
+
+def test_a_job_of_several_nodes_or_gpus_is_refused_where_and_why(make_server):
+    server = make_server()
+    with server.new_user() as client:
+        dataset = upload(client)
+        for resources, path, words in [
+            ({"processes": 2, "nodes": 2}, "resources.nodes", "2 nodes"),
+            ({"gpus": 2}, "resources.gpus", "one GPU, found 2"),
+        ]:
+            spec = job_spec(dataset["id"], resources=resources)
+            spec["training"]["device"] = "auto"  # gpus 2 on cpu is refused for that reason
+            response = client.post("/jobs", json=spec)
+            assert response.status_code == 422, resources
+            [issue] = response.json()["detail"]
+            assert issue["path"] == path and words in issue["message"], issue
         assert client.get("/jobs").json()["jobs"] == []
