@@ -40,7 +40,7 @@ from tests.faults.test_stop import (
     cmdline,
     descendants,
     job_row,
-    newest_state,
+    rows,
     training_processes,
     wait_mid_training,
 )
@@ -54,6 +54,17 @@ def data_parallel_spec(train_id: str, val_id: str) -> dict[str, Any]:
     spec = spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5)
     spec["resources"] = {"processes": RANKS}
     return spec
+
+
+def newest_state(home: Path, job_id: str, artifacts: Path) -> dict[str, Any]:
+    """The training state a resumed attempt would download (`last`, highest epoch and step)."""
+    (path,) = rows(
+        home,
+        "SELECT path FROM checkpoints WHERE job_id = ? AND kind = 'last' "
+        "ORDER BY epoch DESC, step DESC LIMIT 1",
+        job_id,
+    )[0]
+    return torch.load(artifacts / path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture
@@ -185,7 +196,7 @@ def test_a_sigtermed_worker_preempts_its_ranks_mid_epoch_and_the_next_worker_fin
 
     assert job_row(tmp_path, job_id) == ("queued", 2)
     assert attempts_of(tmp_path, job_id) == [(1, "released")]
-    state = newest_state(tmp_path, job_id)
+    state = newest_state(tmp_path, job_id, built.artifacts)
     assert state["position"] is not None and state["position"]["batch"] > 0  # mid-epoch
 
     built.start_worker("w1")
