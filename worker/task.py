@@ -8,7 +8,8 @@ Lifecycle: the child dies with the worker, however the worker dies
 shutdown calls `request_stop`) does not wait for the job to end: it sends the
 child SIGTERM, the child saves a mid-epoch `last.pt` at its next optimizer step
 and exits, the parent uploads it and releases the job (`queued` at once; the
-next worker resumes it bit-exactly), all within `STOP_GRACE_S`.
+next worker resumes it bit-exactly), all within `STOP_GRACE_S`. A data-parallel
+job's child starts the ranks and is their agent (`worker/ranks.py`).
 """
 
 from __future__ import annotations
