@@ -205,3 +205,25 @@ def test_a_sigtermed_worker_preempts_its_ranks_mid_epoch_and_the_next_worker_fin
     assert attempts_of(tmp_path, job_id) == [(1, "released"), (2, "succeeded")]
     reference = local_reference(spec, examples_dir, tmp_path / "reference")
     assert_matches(built, client, job_id, reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_cancelled_two_process_job_ends_cancelled_with_no_rank_left(stack, examples_dir):
+    """The cancel flag reaches rank 0 alone; the ranks agree on the stop at the next window."""
+    built = stack(**NO_RESCUE)
+    built.start_worker("w0")
+    client = built.client()
+    train_id, val_id = upload_digits(client, examples_dir)
+    built.wait_workers_listening()
+    job_id = client.submit(data_parallel_spec(train_id, val_id)).id
+    wait_mid_training(lambda: checkpoints_of(built, job_id), client, job_id)
+
+    worker = built.workers["w0"]
+    ranks = rank_processes(worker.pid)
+    assert len(ranks) == RANKS
+    client.job(job_id).cancel()
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 120)
+    assert final["status"] == "cancelled", f"{final['error']}\n{built.tail()}"
+    wait_for(lambda: not ranks & descendants(worker.pid), timeout=30)
+    assert worker.poll() is None  # the worker lives on for the next job
+    series_of(client, job_id)  # one point per (name, step)
