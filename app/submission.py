@@ -42,16 +42,11 @@ def preload() -> None:
 
 
 def _check_resources(resources: Any) -> None:
-    """A worker starts the ranks of one node itself (worker/ranks.py); it holds one GPU
-    (`--gpu N`), and workers do not yet gather into a gang of several nodes."""
+    """A worker starts the ranks of one node itself (worker/ranks.py), and a job of
+    several nodes runs on a gang of workers (app/store/gangs.py); a worker holds one
+    GPU (`--gpu N`)."""
     from worker.engine.errors import SpecError
 
-    if resources.nodes > 1:
-        raise SpecError.at(
-            "resources.nodes",
-            f"this service runs a job on one worker; {resources.nodes} nodes run under "
-            f"torchrun on each machine",
-        )
     if (resources.gpus or 0) > 1:
         raise SpecError.at(
             "resources.gpus",
@@ -230,5 +225,6 @@ def submit_job(
         tags=checked.spec.tags,
         note=checked.spec.note,
     )
-    send_after_commit(session, dispatcher, job.id, queue)
+    for _ in range(checked.spec.resources.nodes):  # a gang: a wake-up for each of its workers
+        send_after_commit(session, dispatcher, job.id, queue)
     return job

@@ -38,8 +38,12 @@ def train_ranks(
     outbox: Any,
     cancel: Any,
     nproc: int,
+    place: dict[str, Any],
 ) -> RunResult:
-    """Run the job in `nproc` ranks on this machine; rank 0's result (`preempted` on SIGTERM)."""
+    """Run the job in `nproc` ranks on this machine; rank 0's result (`preempted` on SIGTERM).
+
+    `place`: this worker's node in a gang (`member`, `nodes`, node 0's `endpoint`,
+    `run_id`, from the API); empty for a job of one node."""
     from torch.distributed.elastic.multiprocessing import SignalException
 
     from worker.engine.launch import launch_ranks
@@ -50,7 +54,16 @@ def train_ranks(
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM"
     args = (spec_doc, run_dir, datasets, resume, outbox, cancel, os.getpid())
     try:
-        return launch_ranks(train_rank, args, nproc=nproc, run_dir=Path(run_dir))
+        return launch_ranks(
+            train_rank,
+            args,
+            nproc=nproc,
+            run_dir=Path(run_dir),
+            nodes=int(place.get("nodes", 1)),
+            node_rank=int(place.get("member", 0)),
+            endpoint=place.get("endpoint"),
+            run_id=place.get("run_id"),
+        )
     except SignalException:
         # The agent stopped the ranks with SIGTERM and waited for them: rank 0 has
         # reported its mid-epoch last.pt (or was killed first, and the job resumes

@@ -23,6 +23,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ STOP_GRACE_S = 3.0
 PREEMPT_GRACE_S = 2.0
 RELEASE_TIMEOUT_S = 1.0
 STOPPING = "stopping"
+GANG_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 
 
@@ -82,6 +84,7 @@ def train_in_child(
     outbox: Any,
     cancel: Any,
     parent_pid: int | None = None,
+    place: dict[str, Any] | None = None,
 ) -> None:
     """Entry point of the training child (spawned: no state shared with the parent).
 
@@ -105,8 +108,10 @@ def train_in_child(
         if spec.resources.world_size > 1:  # data-parallel: this process is the ranks' agent
             from worker.ranks import train_ranks
 
-            nproc = spec.resources.world_size
-            result = train_ranks(spec_doc, run_dir, datasets, resume, outbox, cancel, nproc)
+            nproc = spec.resources.ranks_per_node
+            result = train_ranks(
+                spec_doc, run_dir, datasets, resume, outbox, cancel, nproc, place or {}
+            )
         else:
             result = run_job(
                 spec,
@@ -199,7 +204,7 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
         settings.api_url, settings.worker_token, timeout=settings.request_timeout_s
     )
     try:
-        claim = client.claim(job_id, worker_name)
+        claim = client.claim(job_id, worker_name, settings.rendezvous_host, _free_port())
     except NotClaimable:
         return "not claimable"
     except ApiUnavailable as exc:
@@ -212,6 +217,11 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
     run_dir = settings.resolved_work_dir / "jobs" / job_id / f"attempt-{claim.attempt}"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if claim.gang is not None:
+            claim.place = _gather(api, claim)
+            if claim.place is None:
+                return "gang incomplete"
+            claim.resume_url = (claim.place.get("resume") or {}).get("url")
         try:
             datasets = fetch_datasets(api, claim.datasets, settings.resolved_work_dir / "datasets")
             resume = fetch_resume(api, claim.resume_url, run_dir)
@@ -228,6 +238,33 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
     finally:
         api.close()
         shutil.rmtree(run_dir / "outbox", ignore_errors=True)
+
+
+def _gather(api: WorkerClient, claim: Any) -> dict[str, Any] | None:
+    """Hold this member's claim until the gang is whole (its place) or the wait is over
+    (None: the API drops the member then too, so a partial gang frees its workers)."""
+    deadline = time.monotonic() + float(claim.gang["wait_s"])
+    while not stop_requested and time.monotonic() < deadline:
+        try:
+            place = api.gang(claim.job_id)
+        except (ApiUnavailable, NotClaimable, StaleAttempt, RuntimeError) as exc:
+            log.warning("job %s: gang: %s", claim.job_id, exc)
+            place = {"state": "gathering"}
+        if place["state"] == "whole":
+            log.info("job %s: node %s of %s", claim.job_id, place["member"], place["nodes"])
+            return place
+        if place["state"] == "gone":
+            break
+        time.sleep(GANG_POLL_S)
+    log.info("job %s: the gang did not gather; claim let go", claim.job_id)
+    return None
+
+
+def _free_port() -> int:
+    """A port for the ranks' rendezvous should this worker be a gang's node 0."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
 
 
 def fetch_datasets(
@@ -272,7 +309,7 @@ def _supervise(
     # (`die_with_parent`), and `_watch` ends it before returning.
     child = context.Process(
         target=train_in_child,
-        args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel, os.getpid()),
+        args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel, os.getpid(), claim.place),
         name=f"torchyard-train-{claim.job_id}",
     )
     child.start()
@@ -338,6 +375,11 @@ def _watch(
         result = {"error": _death_reason(child.exitcode)}
         if cancel.is_set():
             status, result = "cancelled", {"error": None}
+
+    if claim.place is not None and claim.place["member"] != 0:
+        # Node 0 reports the run and finishes the job; this node's ranks only trained.
+        log.info("job %s: node %s done (%s)", claim.job_id, claim.place["member"], status)
+        return f"node {claim.place['member']} done"
 
     deadline = time.monotonic() + FINISH_RETRY_S
     while not uploader.idle and not uploader.stale and time.monotonic() < _until(deadline):
