@@ -241,9 +241,11 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
 
 
 def _gather(api: WorkerClient, claim: Any) -> dict[str, Any] | None:
-    """Hold this member's claim until the gang is whole (its place) or the wait is over
-    (None: the API drops the member then too, so a partial gang frees its workers)."""
-    deadline = time.monotonic() + float(claim.gang["wait_s"])
+    """Hold this member's claim until the gang is whole (its place) or the API says the
+    wait is over (None: the API has dropped the member, so a partial gang frees its
+    workers). The API decides, so no member trains in a gang another left; the
+    deadline here only covers an API that stopped answering."""
+    deadline = time.monotonic() + 2 * float(claim.gang["wait_s"]) + GANG_POLL_S * 10
     while not stop_requested and time.monotonic() < deadline:
         try:
             place = api.gang(claim.job_id)

@@ -106,18 +106,25 @@ def by_token(session: Session, raw_token: str) -> GangMember | None:
     return session.execute(stmt).scalar_one_or_none()
 
 
-def state(session: Session, job_id: str, raw_token: str) -> dict[str, object]:
+def state(session: Session, job_id: str, raw_token: str, *, wait_s: float) -> dict[str, object]:
     """What a member learns when it asks: `gathering`, `whole` (its rank and node 0's
-    endpoint) or `gone` (dropped, or its attempt is over)."""
+    endpoint) or `gone` (dropped, or its attempt is over).
+
+    The API alone decides when a member's wait is over, under the job's row lock as
+    `join` does: a member is either in the gang that forms or told `gone`, never both."""
     member = by_token(session, raw_token)
     if member is None or member.job_id != job_id:
         return {"state": "gone"}
-    job = session.get(Job, member.job_id, populate_existing=True)
-    if job is None or job.attempt != member.n:
+    job = jobs.lock(session, job_id)
+    if job.attempt != member.n:
         return {"state": "gone"}
-    members = members_of(session, job.id, member.n)
     if job.status == "queued":
-        return {"state": "gathering", "member": member.member, "joined": len(members)}
+        if member.joined_at < utcnow() - timedelta(seconds=wait_s):
+            session.delete(member)
+            return {"state": "gone"}
+        joined = len(members_of(session, job.id, member.n))
+        return {"state": "gathering", "member": member.member, "joined": joined}
+    members = members_of(session, job.id, member.n)
     if job.status != "running":
         return {"state": "gone"}
     zero = next(m for m in members if m.member == 0)

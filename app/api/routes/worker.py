@@ -70,9 +70,9 @@ def claim(job_id: str, body: ClaimIn, session: SessionDep, settings: SettingsDep
 
 
 @releases.post("/jobs/{job_id}/gang", response_model=GangOut)
-def gang(request: Request, job_id: str, session: SessionDep) -> GangOut:
+def gang(request: Request, job_id: str, session: SessionDep, settings: SettingsDep) -> GangOut:
     """A gang member's place (its member token): gathering, whole (rank, endpoint) or gone."""
-    answer = gangs.state(session, job_id, bearer_token(request))
+    answer = gangs.state(session, job_id, bearer_token(request), wait_s=settings.gang_wait_s)
     if answer["state"] == "whole" and checkpoints.exists(session, job_id, "last"):
         answer["resume"] = {"url": f"/api/v1/worker/jobs/{job_id}/resume"}
     return GangOut.model_validate(answer)
