@@ -44,7 +44,7 @@ def claim_job(
     A job of several nodes is joined instead (app/store/gangs.py): the answer's
     token is the member's, and `gang` says to wait until the gang is whole."""
     job = jobs.lock(session, job_id)
-    if job.status == "queued" and int(job.spec.get("resources", {}).get("nodes", 1)) > 1:
+    if job.status == "queued" and gangs.nodes_of(job) > 1:
         return _join_gang(session, job, worker, settings, host, port)
     claim = attempts.claim(
         session,
@@ -140,7 +140,8 @@ def release_attempt(session: Session, dispatcher: Dispatcher, ref: AttemptRef, r
     """
     released = attempts.release(session, ref, reason[:200])
     if released.requeued:
-        send_after_commit(session, dispatcher, released.job.id, released.job.queue)
+        for _ in range(gangs.nodes_of(released.job)):  # a gang: a wake-up for each worker
+            send_after_commit(session, dispatcher, released.job.id, released.job.queue)
     return released.job
 
 

@@ -33,11 +33,16 @@ class Joined:
     whole: bool
 
 
+def nodes_of(job: Job) -> int:
+    """The workers the job runs on: one wake-up each when it is (re)queued."""
+    return int(job.spec.get("resources", {}).get("nodes", 1))
+
+
 def join(
     session: Session, job: Job, worker: str, host: str, port: int, *, wait_s: float, lease_s: float
 ) -> Joined:
     """Add a member to the job's gang (the caller holds the job's row lock, job queued)."""
-    nodes = int(job.spec.get("resources", {}).get("nodes", 1))
+    nodes = nodes_of(job)
     now = utcnow()
     # Members that waited too long have left (their workers gave up): free their ranks.
     session.execute(
