@@ -197,7 +197,9 @@ def test_a_sigtermed_worker_preempts_its_ranks_mid_epoch_and_the_next_worker_fin
     assert job_row(tmp_path, job_id) == ("queued", 2)
     assert attempts_of(tmp_path, job_id) == [(1, "released")]
     state = newest_state(tmp_path, job_id, built.artifacts)
-    assert state["position"] is not None and state["position"]["batch"] > 0  # mid-epoch
+    # A preemption checkpoint (an epoch's own last.pt has no position); its batch may be 0
+    # when the ranks' agreement fell on an epoch's end.
+    assert state["position"] is not None
 
     built.start_worker("w1")
     final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
