@@ -22,8 +22,11 @@ from app.db import Sessions, session_scope
 from app.dispatch import Dispatcher, send_after_commit
 from app.errors import BadRequest, Conflict
 from app.models import Checkpoint, Job
-from app.store import attempts, checkpoints, datasets, events, gangs, jobs, metrics
+from app.store import attempts, checkpoints, datasets, events, metrics
 from app.store.attempts import AttemptRef
+from app.store.gangs import join as join_gang
+from app.store.gangs import nodes_of
+from app.store.jobs import lock as lock_job
 from app.store.metric_rollups import Point
 
 API_PREFIX = "/api/v1"
@@ -43,8 +46,8 @@ def claim_job(
 
     A job of several nodes is joined instead (app/store/gangs.py): the answer's
     token is the member's, and `gang` says to wait until the gang is whole."""
-    job = jobs.lock(session, job_id)
-    if job.status == "queued" and gangs.nodes_of(job) > 1:
+    job = lock_job(session, job_id)
+    if job.status == "queued" and nodes_of(job) > 1:
         return _join_gang(session, job, worker, settings, host, port)
     claim = attempts.claim(
         session,
@@ -87,7 +90,7 @@ def _join_gang(
 ) -> dict[str, Any]:
     if not host or not port:
         raise Conflict(f"job {job.id!r} runs on several nodes: the claim must give host and port")
-    joined = gangs.join(
+    joined = join_gang(
         session, job, worker, host, port, wait_s=settings.gang_wait_s, lease_s=settings.lease_s
     )
     # The resume state is looked up once the gang is whole (it may change meanwhile).
@@ -140,7 +143,7 @@ def release_attempt(session: Session, dispatcher: Dispatcher, ref: AttemptRef, r
     """
     released = attempts.release(session, ref, reason[:200])
     if released.requeued:
-        for _ in range(gangs.nodes_of(released.job)):  # a gang: a wake-up for each worker
+        for _ in range(nodes_of(released.job)):  # a gang: a wake-up for each worker
             send_after_commit(session, dispatcher, released.job.id, released.job.queue)
     return released.job
 
