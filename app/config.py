@@ -50,6 +50,12 @@ class Settings(CommonSettings):
         description="How long a job with device auto waits for a free GPU worker before a CPU "
         "worker may take it (0: CPU workers at once; use 0 where no GPU worker runs)",
     )
+    gang_wait_s: float = Field(
+        default=60,
+        gt=0,
+        description="How long a worker holds its claim on a job of several nodes while the "
+        "gang gathers; then it lets go, so partial gangs cannot deadlock the pool",
+    )
     db_wait_s: float = Field(
         default=30, ge=0, description="How long startup waits for the database"
     )

@@ -290,3 +290,24 @@ class ArtifactStoreMark(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
     mark: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GangMember(Base):
+    """A worker's held claim on a job of several nodes (app/store/gangs.py).
+
+    Members gather while the job is `queued`; the one that makes the gang whole
+    starts attempt `n`, whose token is member 0's. A gang not whole within
+    gang_wait_s of a member's join drops that member (its claim is released)."""
+
+    __tablename__ = "gang_members"
+    __table_args__ = (UniqueConstraint("job_id", "n", "member"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    n: Mapped[int] = mapped_column(Integer)
+    member: Mapped[int] = mapped_column(Integer)  # the node rank
+    worker: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)  # member 0's: the ranks' rendezvous
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    joined_at: Mapped[datetime] = mapped_column(default=utcnow)

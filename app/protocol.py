@@ -20,10 +20,13 @@ from app.artifacts import ArtifactStore, TempFile, job_folder
 from app.config import Settings
 from app.db import Sessions, session_scope
 from app.dispatch import Dispatcher, send_after_commit
-from app.errors import BadRequest
+from app.errors import BadRequest, Conflict
 from app.models import Checkpoint, Job
 from app.store import attempts, checkpoints, datasets, events, metric_reports, metrics
 from app.store.attempts import AttemptRef
+from app.store.gangs import join as join_gang
+from app.store.gangs import nodes_of
+from app.store.jobs import lock as lock_job
 from app.store.metric_rollups import Point
 
 API_PREFIX = "/api/v1"
@@ -31,8 +34,21 @@ MAX_LOG_LINE = 10_000
 WRITE_BUFFER = 1 << 20
 
 
-def claim_job(session: Session, job_id: str, worker: str, settings: Settings) -> dict[str, Any]:
-    """Start an attempt; the answer carries everything the worker needs to run it."""
+def claim_job(
+    session: Session,
+    job_id: str,
+    worker: str,
+    settings: Settings,
+    host: str | None = None,
+    port: int | None = None,
+) -> dict[str, Any]:
+    """Start an attempt; the answer carries everything the worker needs to run it.
+
+    A job of several nodes is joined instead (app/store/gangs.py): the answer's
+    token is the member's, and `gang` says to wait until the gang is whole."""
+    job = lock_job(session, job_id)
+    if job.status == "queued" and nodes_of(job) > 1:
+        return _join_gang(session, job, worker, settings, host, port)
     claim = attempts.claim(
         session,
         job_id,
@@ -40,8 +56,20 @@ def claim_job(session: Session, job_id: str, worker: str, settings: Settings) ->
         lease_s=settings.lease_s,
         max_running=settings.max_running_jobs_per_user,
     )
+    has_state = checkpoints.exists(session, job_id, "last")
+    return {
+        "attempt": claim.attempt.n,
+        "token": claim.token,
+        "spec": claim.job.spec,
+        "lease_s": settings.lease_s,
+        "datasets": _dataset_refs(session, job_id),
+        "resume": {"url": f"{API_PREFIX}/worker/jobs/{job_id}/resume"} if has_state else None,
+    }
+
+
+def _dataset_refs(session: Session, job_id: str) -> dict[str, Any]:
     # keyed by the ref as written in the spec, which in the service is the dataset id
-    files = {
+    return {
         d.id: {
             "url": f"{API_PREFIX}/worker/datasets/{d.id}",
             "sha256": d.sha256,
@@ -50,14 +78,30 @@ def claim_job(session: Session, job_id: str, worker: str, settings: Settings) ->
         }
         for d in datasets.of_job(session, job_id)
     }
-    has_state = checkpoints.exists(session, job_id, "last")
+
+
+def _join_gang(
+    session: Session,
+    job: Job,
+    worker: str,
+    settings: Settings,
+    host: str | None,
+    port: int | None,
+) -> dict[str, Any]:
+    if not host or not port:
+        raise Conflict(f"job {job.id!r} runs on several nodes: the claim must give host and port")
+    joined = join_gang(
+        session, job, worker, host, port, wait_s=settings.gang_wait_s, lease_s=settings.lease_s
+    )
+    # The resume state is looked up once the gang is whole (it may change meanwhile).
     return {
-        "attempt": claim.attempt.n,
-        "token": claim.token,
-        "spec": claim.job.spec,
+        "attempt": joined.member.n,
+        "token": joined.token,
+        "spec": job.spec,
         "lease_s": settings.lease_s,
-        "datasets": files,
-        "resume": {"url": f"{API_PREFIX}/worker/jobs/{job_id}/resume"} if has_state else None,
+        "datasets": _dataset_refs(session, job.id),
+        "resume": None,
+        "gang": {"member": joined.member.member, "wait_s": settings.gang_wait_s},
     }
 
 
@@ -114,7 +158,8 @@ def release_attempt(session: Session, dispatcher: Dispatcher, ref: AttemptRef, r
     """
     released = attempts.release(session, ref, reason[:200])
     if released.requeued:
-        send_after_commit(session, dispatcher, released.job.id, released.job.queue)
+        for _ in range(nodes_of(released.job)):  # a gang: a wake-up for each worker
+            send_after_commit(session, dispatcher, released.job.id, released.job.queue)
     return released.job
 
 

@@ -19,7 +19,7 @@ from app.db import Sessions, session_scope
 from app.dispatch import QUEUES, Dispatcher, send_after_commit
 from app.errors import DatabaseUnavailable
 from app.models import utcnow
-from app.store import attempts, jobs
+from app.store import attempts, gangs, jobs
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def reconcile(
         send_after_commit(session, dispatch, job_id, queue)
         report.resent.append(job_id)
     for job in attempts.expire(session, now) if expire_leases else []:
-        send_after_commit(session, dispatch, job.id, job.queue)
+        for _ in range(gangs.nodes_of(job)):  # a gang: a wake-up for each worker
+            send_after_commit(session, dispatch, job.id, job.queue)
         report.requeued.append(job.id)
     for job_id in _auto_to_cpu(session, settings, now):
         send_after_commit(session, dispatch, job_id, "cpu")

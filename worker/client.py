@@ -33,6 +33,10 @@ class Claim:
     datasets: dict[str, dict[str, Any]]
     resume_url: str | None
     lease_s: float
+    # A job of several nodes: {"member": node rank, "wait_s": how long to wait for the
+    # gang}; the place (rank, endpoint) comes from `gang()` once it is whole.
+    gang: dict[str, Any] | None = None
+    place: dict[str, Any] | None = None
 
 
 class WorkerClient:
@@ -62,10 +66,13 @@ class WorkerClient:
             raise RuntimeError(f"{method} {url}: HTTP {response.status_code}: {_detail(response)}")
         return response
 
-    def claim(self, job_id: str, worker: str) -> Claim:
-        body = self._request(
-            "POST", f"/api/v1/worker/jobs/{job_id}/claim", json={"worker": worker}
-        ).json()
+    def claim(
+        self, job_id: str, worker: str, host: str | None = None, port: int | None = None
+    ) -> Claim:
+        ask: dict[str, Any] = {"worker": worker}
+        if host and port:
+            ask.update(host=host, port=port)
+        body = self._request("POST", f"/api/v1/worker/jobs/{job_id}/claim", json=ask).json()
         resume = body.get("resume") or None
         return Claim(
             job_id=job_id,
@@ -75,7 +82,12 @@ class WorkerClient:
             datasets=body.get("datasets", {}),
             resume_url=resume["url"] if resume else None,
             lease_s=float(body.get("lease_s", 30)),
+            gang=body.get("gang"),
         )
+
+    def gang(self, job_id: str) -> dict[str, Any]:
+        """This gang member's place (its member token): gathering, whole or gone."""
+        return self._request("POST", f"/api/v1/worker/jobs/{job_id}/gang").json()
 
     def heartbeat(self, job_id: str, progress: dict[str, Any]) -> bool:
         body = self._request(

@@ -39,6 +39,8 @@ class CommonSettings(BaseSettings):
 class WorkerSettings(CommonSettings):
     work_dir: Path | None = Field(default=None, description="Run folders and dataset cache")
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
+    # Where the other workers of a gang reach this one when it is node 0.
+    rendezvous_host: str = Field(default_factory=lambda: socket.gethostname())
     report_buffer_points: int = Field(
         default=100_000, ge=100, description="in memory before spilling"
     )

@@ -4,11 +4,12 @@ Training runs in a child process so a segfault, an OOM kill or a cancel ends
 that job and not the worker. The parent only moves reports and heartbeats.
 
 Lifecycle: the child dies with the worker, however the worker dies
-(`_die_with_parent`). A worker told to stop (SIGTERM, or Ctrl-C: Celery's warm
+(`die_with_parent`). A worker told to stop (SIGTERM, or Ctrl-C: Celery's warm
 shutdown calls `request_stop`) does not wait for the job to end: it sends the
 child SIGTERM, the child saves a mid-epoch `last.pt` at its next optimizer step
 and exits, the parent uploads it and releases the job (`queued` at once; the
-next worker resumes it bit-exactly), all within `STOP_GRACE_S`.
+next worker resumes it bit-exactly), all within `STOP_GRACE_S`. A data-parallel
+job's child starts the ranks and is their agent (`worker/ranks.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -48,6 +50,7 @@ STOP_GRACE_S = 3.0
 PREEMPT_GRACE_S = 2.0
 RELEASE_TIMEOUT_S = 1.0
 STOPPING = "stopping"
+GANG_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 
 
@@ -81,11 +84,12 @@ def train_in_child(
     outbox: Any,
     cancel: Any,
     parent_pid: int | None = None,
+    place: dict[str, Any] | None = None,
 ) -> None:
     """Entry point of the training child (spawned: no state shared with the parent).
 
     Ends the process itself once its reports are flushed (`_exit_now`)."""
-    _die_with_parent(parent_pid or os.getppid())
+    die_with_parent(parent_pid or os.getppid())
     # A spawned process inherits "spawn" as its default start method: the DataLoader's
     # workers would each import torch anew and get the dataset pickled (seconds, and a
     # copy per worker). Back to this platform's default (fork on Linux), as in any run.
@@ -101,15 +105,23 @@ def train_in_child(
 
         spec = pin_to_worker_gpu(parse_spec(spec_doc), os.environ.get("TORCHYARD_GPU"))
         path = Path(run_dir)
-        result = run_job(
-            spec,
-            path,
-            resolve=lambda ref: Path(datasets[ref]),
-            reporter=QueueReporter(outbox, cancel, path),
-            callbacks=[ProgressToQueue(outbox)],
-            resume=resume,
-            preempt=preempt.is_set,
-        )
+        if spec.resources.world_size > 1:  # data-parallel: this process is the ranks' agent
+            from worker.ranks import train_ranks
+
+            nproc = spec.resources.ranks_per_node
+            result = train_ranks(
+                spec_doc, run_dir, datasets, resume, outbox, cancel, nproc, place or {}
+            )
+        else:
+            result = run_job(
+                spec,
+                path,
+                resolve=lambda ref: Path(datasets[ref]),
+                reporter=QueueReporter(outbox, cancel, path),
+                callbacks=[ProgressToQueue(outbox)],
+                resume=resume,
+                preempt=preempt.is_set,
+            )
     except BaseException as exc:
         # Anything run_job let through: one line for the job's error, the traceback
         # for its log (the worker's stderr is not the user's to read).
@@ -147,7 +159,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else "(no message)"
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """End this process when the worker that started it dies, however it dies.
 
     A training child left behind keeps its GPU busy and reports to nobody, even
@@ -192,7 +204,7 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
         settings.api_url, settings.worker_token, timeout=settings.request_timeout_s
     )
     try:
-        claim = client.claim(job_id, worker_name)
+        claim = client.claim(job_id, worker_name, settings.rendezvous_host, _free_port())
     except NotClaimable:
         return "not claimable"
     except ApiUnavailable as exc:
@@ -205,6 +217,11 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
     run_dir = settings.resolved_work_dir / "jobs" / job_id / f"attempt-{claim.attempt}"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if claim.gang is not None:
+            claim.place = _gather(api, claim)
+            if claim.place is None:
+                return "gang incomplete"
+            claim.resume_url = (claim.place.get("resume") or {}).get("url")
         try:
             datasets = fetch_datasets(api, claim.datasets, settings.resolved_work_dir / "datasets")
             resume = fetch_resume(api, claim.resume_url, run_dir)
@@ -221,6 +238,35 @@ def run_claimed_job(job_id: str, settings: WorkerSettings) -> str:
     finally:
         api.close()
         shutil.rmtree(run_dir / "outbox", ignore_errors=True)
+
+
+def _gather(api: WorkerClient, claim: Any) -> dict[str, Any] | None:
+    """Hold this member's claim until the gang is whole (its place) or the API says the
+    wait is over (None: the API has dropped the member, so a partial gang frees its
+    workers). The API decides, so no member trains in a gang another left; the
+    deadline here only covers an API that stopped answering."""
+    deadline = time.monotonic() + 2 * float(claim.gang["wait_s"]) + GANG_POLL_S * 10
+    while not stop_requested and time.monotonic() < deadline:
+        try:
+            place = api.gang(claim.job_id)
+        except (ApiUnavailable, NotClaimable, StaleAttempt, RuntimeError) as exc:
+            log.warning("job %s: gang: %s", claim.job_id, exc)
+            place = {"state": "gathering"}
+        if place["state"] == "whole":
+            log.info("job %s: node %s of %s", claim.job_id, place["member"], place["nodes"])
+            return place
+        if place["state"] == "gone":
+            break
+        time.sleep(GANG_POLL_S)
+    log.info("job %s: the gang did not gather; claim let go", claim.job_id)
+    return None
+
+
+def _free_port() -> int:
+    """A port for the ranks' rendezvous should this worker be a gang's node 0."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
 
 
 def fetch_datasets(
@@ -262,10 +308,10 @@ def _supervise(
     cancel = context.Event()
     # Not daemonic: a daemonic process may not have children, and a DataLoader with
     # num_workers > 0 starts some. It dies with this process all the same
-    # (`_die_with_parent`), and `_watch` ends it before returning.
+    # (`die_with_parent`), and `_watch` ends it before returning.
     child = context.Process(
         target=train_in_child,
-        args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel, os.getpid()),
+        args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel, os.getpid(), claim.place),
         name=f"torchyard-train-{claim.job_id}",
     )
     child.start()
@@ -331,6 +377,11 @@ def _watch(
         result = {"error": _death_reason(child.exitcode)}
         if cancel.is_set():
             status, result = "cancelled", {"error": None}
+
+    if claim.place is not None and claim.place["member"] != 0:
+        # Node 0 reports the run and finishes the job; this node's ranks only trained.
+        log.info("job %s: node %s done (%s)", claim.job_id, claim.place["member"], status)
+        return f"node {claim.place['member']} done"
 
     deadline = time.monotonic() + FINISH_RETRY_S
     while not uploader.idle and not uploader.stale and time.monotonic() < _until(deadline):

@@ -271,6 +271,9 @@ class LogsOut(BaseModel):
 
 class ClaimIn(BaseModel):
     worker: str = Field(min_length=1, max_length=255, description="hostname:pid")
+    # Where this worker's node 0 would listen, for a job of several nodes.
+    host: str | None = Field(default=None, min_length=1, max_length=255)
+    port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class DatasetRef(BaseModel):
@@ -291,6 +294,20 @@ class ClaimOut(BaseModel):
     lease_s: float
     datasets: dict[str, DatasetRef]
     resume: ResumeRef | None
+    gang: dict[str, Any] | None = None  # a job of several nodes: wait for the gang
+
+
+class GangOut(BaseModel):
+    """A gang member's place: gathering; whole (its node rank, node 0's endpoint, the
+    rendezvous run id, the state to resume); or gone (dropped, or the attempt is over)."""
+
+    state: Literal["gathering", "whole", "gone"]
+    member: int | None = None
+    joined: int | None = None
+    nodes: int | None = None
+    endpoint: str | None = None
+    run_id: str | None = None
+    resume: ResumeRef | None = None
 
 
 class ProgressIn(BaseModel):

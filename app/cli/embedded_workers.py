@@ -83,7 +83,7 @@ class EmbeddedWorkers:
     def stop(self) -> None:
         """SIGTERM each worker (Celery's warm shutdown: the running job is handed back),
         then wait; kill any still there after WORKERS_STOP_S. A killed worker's training
-        child dies with it (worker.task._die_with_parent)."""
+        child dies with it (worker.task.die_with_parent)."""
         self.stopping.set()
         for proc in self.procs.values():
             if proc.poll() is None:

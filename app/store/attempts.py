@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, NotFound, StaleAttempt, Unauthorized
 from app.ids import hash_token, new_token
 from app.models import Attempt, Job, utcnow
-from app.store import events, jobs
+from app.store import events, gangs, jobs
 from app.store.metrics import finite_json
 
 TOKEN_PREFIX = "tya"
@@ -89,11 +89,26 @@ def resolve(session: Session, raw_token: str, *, released_ok: bool = False) -> A
         .where(Attempt.token_hash == hash_token(raw_token))
     ).one_or_none()
     if row is None:
+        row = _gang_member_attempt(session, raw_token)
+    if row is None:
         return None
     attempt, job = row
     if not _is_current(attempt, job) and not (released_ok and attempt.outcome == RELEASED):
         raise StaleAttempt()
     return AttemptRef(attempt_id=attempt.id, job_id=job.id, n=attempt.n, user_id=job.user_id)
+
+
+def _gang_member_attempt(session: Session, raw_token: str) -> tuple[Attempt, Job] | None:
+    """A gang member's token stands for its gang's attempt (app/store/gangs.py)."""
+    member = gangs.by_token(session, raw_token)
+    if member is None:
+        return None
+    row = session.execute(
+        select(Attempt, Job)
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Attempt.job_id == member.job_id, Attempt.n == member.n)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
 
 
 def current(session: Session, ref: AttemptRef) -> tuple[Job, Attempt]:

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.app.conftest import Server, claim, job_spec, server_settings, submit, upload
 
 
@@ -180,15 +182,24 @@ def test_no_pickle_reads_user_bytes_anywhere():
         assert "weights_only=False" not in text, path
 
 
-def test_a_data_parallel_job_is_refused_until_workers_start_ranks(make_server):
+@pytest.mark.parametrize("resources", [{"processes": 2}, {"processes": 2, "nodes": 2}])
+def test_a_job_of_several_cpu_ranks_or_nodes_is_accepted(make_server, resources):
     server = make_server()
     with server.new_user() as client:
         dataset = upload(client)
-        response = client.post(
-            "/jobs", json=job_spec(dataset["id"], resources={"processes": 2, "nodes": 1})
-        )
+        response = client.post("/jobs", json=job_spec(dataset["id"], resources=resources))
+        assert response.status_code == 201, response.text
+        assert response.json()["spec"]["resources"] == resources
+
+
+def test_a_job_of_several_gpus_per_worker_is_refused_where_and_why(make_server):
+    server = make_server()
+    with server.new_user() as client:
+        dataset = upload(client)
+        spec = job_spec(dataset["id"], resources={"gpus": 2})
+        spec["training"]["device"] = "auto"  # gpus 2 on cpu is refused for that reason
+        response = client.post("/jobs", json=spec)
         assert response.status_code == 422
         [issue] = response.json()["detail"]
-        assert issue["path"] == "resources"
-        assert "2 ranks" in issue["message"] and "torchyard train" in issue["message"]
+        assert issue["path"] == "resources.gpus" and "one GPU, found 2" in issue["message"]
         assert client.get("/jobs").json()["jobs"] == []

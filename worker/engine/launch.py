@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import uuid
@@ -29,6 +30,8 @@ from worker.engine.train import RunResult
 MONITOR_INTERVAL_S = 0.1
 # After a rank dies, how long the others get to exit on SIGTERM before SIGKILL.
 SHUTDOWN_TIMEOUT_S = 5
+# How long the nodes of a multi-node launch wait for each other at the start.
+RENDEZVOUS_TIMEOUT_S = int(os.environ.get("TORCHYARD_RENDEZVOUS_TIMEOUT_S", "300"))
 
 
 class RankFailed(Exception):
@@ -46,13 +49,27 @@ def run_rank(entry: Callable[..., RunResult], *args: Any) -> dict[str, Any]:
 
 
 def launch_ranks(
-    entry: Callable[..., RunResult], args: tuple[Any, ...], *, nproc: int, run_dir: Path
+    entry: Callable[..., RunResult],
+    args: tuple[Any, ...],
+    *,
+    nproc: int,
+    run_dir: Path,
+    nodes: int = 1,
+    node_rank: int = 0,
+    endpoint: str | None = None,
+    run_id: str | None = None,
 ) -> RunResult:
-    """Run `entry(*args)` in `nproc` ranks on this machine; rank 0's result.
+    """Run `entry(*args)` in `nproc` ranks on this machine; its lowest rank's result.
 
     `entry` must be a module-level function (ranks are spawned: it is pickled by
     name). A failed launch writes result.json itself: the ranks were ended
-    before rank 0 could."""
+    before rank 0 could.
+
+    Several nodes (`nodes` > 1): each machine calls this with its `node_rank` and
+    the same `endpoint` ("host:port" of node 0, which listens there) and `run_id`;
+    the agents meet through a c10d TCPStore on that endpoint (torch's static
+    rendezvous: node r holds global ranks r * nproc ... r * nproc + nproc - 1),
+    and a node missing for `RENDEZVOUS_TIMEOUT_S` fails the launch."""
     # Every module the agent logs from, imported before `_quiet_agent` looks for loggers.
     import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend
     import torch.distributed.elastic.rendezvous.dynamic_rendezvous  # noqa: F401
@@ -61,13 +78,23 @@ def launch_ranks(
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     with tempfile.TemporaryDirectory(prefix="torchyard-ranks-") as logs, _quiet_agent():
+        if nodes > 1:
+            if not endpoint:
+                raise ValueError("a launch of several nodes needs node 0's endpoint (host:port)")
+            rendezvous: dict[str, Any] = {
+                "rdzv_backend": "static",
+                "rdzv_endpoint": endpoint,
+                "rdzv_configs": {"rank": node_rank, "timeout": RENDEZVOUS_TIMEOUT_S},
+            }
+        else:
+            # as `torchrun --standalone`: a free port
+            rendezvous = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0"}
         config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
+            min_nodes=nodes,
+            max_nodes=nodes,
             nproc_per_node=nproc,
-            run_id=uuid.uuid4().hex,
-            rdzv_backend="c10d",
-            rdzv_endpoint="localhost:0",  # as `torchrun --standalone`: a free port
+            run_id=run_id or uuid.uuid4().hex,
+            **rendezvous,
             max_restarts=0,
             monitor_interval=MONITOR_INTERVAL_S,
             start_method="spawn",
@@ -84,7 +111,8 @@ def launch_ranks(
             )
             return result
     names = {f.name for f in fields(RunResult)}
-    return RunResult(**{k: v for k, v in outputs[0].items() if k in names})
+    # Keyed by global rank: rank 0's on node 0, this node's first rank's elsewhere.
+    return RunResult(**{k: v for k, v in outputs[min(outputs)].items() if k in names})
 
 
 def failure_reason(exc: Any) -> str:

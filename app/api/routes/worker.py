@@ -30,6 +30,7 @@ from app.api.schemas import (
     ClaimIn,
     ClaimOut,
     FinishIn,
+    GangOut,
     HeartbeatIn,
     JobOut,
     LogsIn,
@@ -47,7 +48,7 @@ from app.protocol import (
     record_metrics,
     release_attempt,
 )
-from app.store import attempts, checkpoints, datasets
+from app.store import attempts, checkpoints, datasets, gangs
 
 claims = APIRouter(prefix="/worker", tags=["worker"], dependencies=[WorkerAuth])
 router = APIRouter(prefix="/worker", tags=["worker"], dependencies=[AttemptAuth])
@@ -63,7 +64,18 @@ SHA256_HEX = 64
 @claims.post("/jobs/{job_id}/claim", response_model=ClaimOut)
 def claim(job_id: str, body: ClaimIn, session: SessionDep, settings: SettingsDep) -> ClaimOut:
     """Move `queued -> running` and start an attempt; 409 when the job is not queued."""
-    return ClaimOut.model_validate(claim_job(session, job_id, body.worker, settings))
+    return ClaimOut.model_validate(
+        claim_job(session, job_id, body.worker, settings, body.host, body.port)
+    )
+
+
+@releases.post("/jobs/{job_id}/gang", response_model=GangOut)
+def gang(request: Request, job_id: str, session: SessionDep, settings: SettingsDep) -> GangOut:
+    """A gang member's place (its member token): gathering, whole (rank, endpoint) or gone."""
+    answer = gangs.state(session, job_id, bearer_token(request), wait_s=settings.gang_wait_s)
+    if answer["state"] == "whole" and checkpoints.exists(session, job_id, "last"):
+        answer["resume"] = {"url": f"/api/v1/worker/jobs/{job_id}/resume"}
+    return GangOut.model_validate(answer)
 
 
 @router.get("/datasets/{dataset_id}", response_class=Response, responses=DOWNLOAD)
