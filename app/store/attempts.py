@@ -83,7 +83,7 @@ def resolve(session: Session, raw_token: str, *, released_ok: bool = False) -> A
     """The attempt a token belongs to (None: unknown); StaleAttempt when it is no longer current.
 
     `released_ok`: an attempt its worker released still resolves (a retried release)."""
-    row = session.execute(
+    row: Any = session.execute(
         select(Attempt, Job)
         .join(Job, Job.id == Attempt.job_id)
         .where(Attempt.token_hash == hash_token(raw_token))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from worker.engine.value_checks import check_values
 # "preempted": stopped on request mid-run (a worker shutting down) after saving a
 # last.pt to resume from; the job is not over.
 Status = Literal["succeeded", "failed", "cancelled", "preempted"]
-PREEMPTED = "preempted"
+PREEMPTED: Final = "preempted"
 
 # What torch raises when a model does not fit the data it is run on (shapes,
 # dtypes, index ranges, class ids past the output's classes): the user's to fix.
