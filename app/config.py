@@ -59,6 +59,10 @@ class Settings(CommonSettings):
         description="How long an API process trusts a user token it verified (0: ask every time)",
     )
 
+    web_session_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="How long a dashboard sign-in lasts"
+    )
+
     max_upload_bytes: int = Field(default=GIB, ge=1, description="Largest dataset upload")
     max_unpacked_bytes: int = Field(
         default=8 * GIB,

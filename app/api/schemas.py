@@ -100,9 +100,16 @@ class JobSummary(BaseModel):
     attempt: int
     cancel_requested: bool
     error: str | None
+    progress: ProgressOut | None
+    best: BestOut | None
 
     @classmethod
     def fields_of(cls, job: Job | Row[Any]) -> dict[str, Any]:
+        best = None
+        if job.best_epoch is not None or job.best_value is not None:
+            best = BestOut(
+                epoch=job.best_epoch, monitor=job.best_monitor, value=finite(job.best_value)
+            )
         return {
             "id": job.id,
             "name": job.name,
@@ -114,6 +121,12 @@ class JobSummary(BaseModel):
             "attempt": job.attempt,
             "cancel_requested": job.cancel_requested,
             "error": job.error,
+            "progress": ProgressOut(
+                **{k: v for k, v in job.progress.items() if k in ProgressOut.model_fields}
+            )
+            if job.progress
+            else None,
+            "best": best,
         }
 
     @classmethod
@@ -123,9 +136,7 @@ class JobSummary(BaseModel):
 
 class JobOut(JobSummary):
     max_restarts: int
-    progress: ProgressOut | None
     metrics: dict[str, float | None]
-    best: BestOut | None
     stopped_early: bool
     stop_reason: str | None
     spec: dict[str, Any]
@@ -133,21 +144,10 @@ class JobOut(JobSummary):
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
         """From the ORM row or from `app.store.jobs.shown_by_id` (the same attribute names)."""
-        best = None
-        if job.best_epoch is not None or job.best_value is not None:
-            best = BestOut(
-                epoch=job.best_epoch, monitor=job.best_monitor, value=finite(job.best_value)
-            )
         return cls(
             **cls.fields_of(job),
             max_restarts=job.max_restarts,
-            progress=ProgressOut(
-                **{k: v for k, v in job.progress.items() if k in ProgressOut.model_fields}
-            )
-            if job.progress
-            else None,
             metrics=latest_values(job),
-            best=best,
             stopped_early=job.stopped_early,
             stop_reason=job.stop_reason,
             spec=job.spec,
