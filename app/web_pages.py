@@ -33,7 +33,7 @@ HEADERS = [
 def mount_web(app: FastAPI) -> None:
     """`/` answers the page; `/web/...` its modules, styles and vendored libraries."""
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         # no-cache: a new release's page is picked up at once (its files revalidate by ETag)
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})

@@ -139,6 +139,10 @@ class JobOut(JobSummary):
     metrics: dict[str, float | None]
     stopped_early: bool
     stop_reason: str | None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="The run's result once finished (epochs run, steps, final metrics)",
+    )
     spec: dict[str, Any]
 
     @classmethod
@@ -150,6 +154,7 @@ class JobOut(JobSummary):
             metrics=latest_values(job),
             stopped_early=job.stopped_early,
             stop_reason=job.stop_reason,
+            result=job.result,
             spec=job.spec,
         )
 

@@ -72,6 +72,7 @@ SHOWN = (
     "cancel_requested",
     "error",
     "progress",
+    "result",
     "latest_metrics",
     "best_epoch",
     "best_monitor",
