@@ -189,8 +189,10 @@ export class MetricChart {
     const { data } = table(zoomed, this.names, this.view);
     this.plot.setData(data, false);
     this.plot.setScale("x", { min: lo, max: hi });
+    await new Promise((resolve) => requestAnimationFrame(resolve)); // drawn
     this.el.dataset.zoomed = "true";
     this.el.dataset.zoomPoints = String(zoomed.count(this.names));
+    [this.el.dataset.zoomFrom, this.el.dataset.zoomUntil] = range.map(String);
     this.el.dataset.zoomMs = String(Math.round(performance.now() - started));
   }
 

@@ -14,7 +14,7 @@ let session = null;
 let cleanup = null;
 
 const routes = [
-  [/^#\/jobs\/([0-9a-f]+)$/, (m) => renderJob(root, m[1])],
+  [/^#\/jobs\/([0-9a-f]+)$/, (m, q) => renderJob(root, m[1], q)],
   [/^#\/compare$/, (m, q) => renderCompare(root, (q.get("ids") || "").split(",").filter(Boolean))],
   [/^#\/submit$/, () => renderSubmit(root)],
   [/^#\/datasets$/, () => renderDatasets(root)],
