@@ -34,7 +34,6 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_the_session(pag
     # a reload stays signed in: the CSRF token comes back from GET /api/v1/session
     page.reload()
     page.wait_for_selector("#jobs")
-    shoot(page, "jobs")
 
     page.click("#sign-out")
     page.wait_for_selector("#sign-in")
@@ -171,3 +170,40 @@ def test_another_users_job_is_not_reachable_by_url(page, service: Service, api, 
         "async (id) => (await fetch(`/api/v1/jobs/${id}/events`)).status", job["id"]
     )
     assert answer == 404
+
+
+def test_compare_overlays_a_metric_and_lists_the_spec_paths_that_differ(
+    page, service: Service, api: ApiClient, digits
+):
+    one = api.submit(digits_spec(*digits, epochs=1, name="compare-a"))
+    two = api.submit(digits_spec(*digits, epochs=2, name="compare-b"))
+    for job in (one, two):
+        wait_until(lambda job=job: api.job(job["id"])["status"] == "succeeded", timeout=180)
+    sign_in(page, service.token)
+    for job in (one, two):
+        page.check(f'tr[data-job="{job["id"]}"] input[type=checkbox]')
+    shoot(page, "jobs")
+    page.click("#compare")
+    page.wait_for_selector("#spec-diff")
+    rows = page.locator("#spec-diff tbody tr")
+    paths = [rows.nth(n).locator("td.path").inner_text() for n in range(rows.count())]
+    assert paths == ["name", "training.epochs"]
+    page.select_option("#compare-metric", "val_accuracy")
+    chart = page.wait_for_selector('.chart[data-metric="val_accuracy"]')
+    assert int(chart.get_attribute("data-points")) == 3  # 1 + 2 epochs, two series
+    assert page.locator("#compare-best tbody tr").count() == 2
+    shoot(page, "compare")
+
+
+def test_a_dataset_uploaded_from_the_page_is_listed_with_its_fields(
+    page, service: Service, examples_dir: Path
+):
+    sign_in(page, service.token)
+    page.goto("/#/datasets")
+    page.set_input_files("#dataset-file", str(examples_dir / "data" / "digits_val.npz"))
+    page.wait_for_selector("#upload-state:has-text('uploaded')")
+    assert page.get_attribute("#upload-progress", "value") == "1"
+    row = page.locator("#datasets tbody tr", has_text="digits_val.npz").first
+    fields = row.locator("ul.fields").inner_text()
+    assert "x float32 (1, 8, 8)" in fields and "y int64 ()" in fields
+    shoot(page, "datasets")
