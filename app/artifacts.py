@@ -21,6 +21,12 @@ from app.errors import NotFound, TooLarge
 
 CHUNK = 1 << 20
 STALE_TEMP_S = 24 * 3600
+MARK_FILE = "artifact_store_mark"  # the mark the database holds too (app/sweep.py)
+
+
+def job_folder(job_id: str) -> str:
+    """Where a job's files live (checkpoints, and the exports cached beside them)."""
+    return f"jobs/{job_id}"
 
 
 class TempFile:
@@ -91,17 +97,57 @@ class ArtifactStore:
         os.replace(temp.path, target)
         return target
 
+    def exists(self, relative: str) -> bool:
+        try:
+            return self.path(relative).is_file()
+        except NotFound:
+            return False
+
+    def bytes_with_exports(self, relative: str) -> int:
+        """The file's size plus the exports cached beside it (0 if it is gone)."""
+        try:
+            path = self.path(relative)
+        except NotFound:
+            return 0
+        total = 0
+        for stored in (path, *cached_beside(path)):
+            with contextlib.suppress(FileNotFoundError):
+                total += stored.stat().st_size
+        return total
+
     def delete(self, relative: str) -> None:
         with contextlib.suppress(NotFound, FileNotFoundError):
             path = self.path(relative)
             path.unlink()
             # exports cached next to weights go with them
-            for cached in path.parent.glob(f"{path.stem}.*"):
+            for cached in cached_beside(path):
                 cached.unlink(missing_ok=True)
 
     def delete_tree(self, relative: str) -> None:
         with contextlib.suppress(NotFound):
             shutil.rmtree(self.path(relative), ignore_errors=True)
+
+    @property
+    def mark_path(self) -> Path:
+        return self.root / MARK_FILE
+
+    def read_mark(self) -> str | None:
+        try:
+            return self.mark_path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def claim_mark(self, mark: str) -> str:
+        """Write `mark` unless the root holds one; returns the root's mark either way.
+        Written under a temp name and linked into place: two writers agree on the first."""
+        tmp = self.tmp / f"mark.{uuid.uuid4().hex}"
+        tmp.write_text(mark + "\n")
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self.mark_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self.read_mark() or mark
 
     def sweep_temp(self, older_than_s: float = STALE_TEMP_S) -> int:
         """Remove temp files left by uploads that died; young ones may still be in flight."""
@@ -113,3 +159,14 @@ class ArtifactStore:
                     path.unlink()
                     removed += 1
         return removed
+
+
+def cached_beside(path: Path) -> list[Path]:
+    """Exports cached next to a weights file (`<stem>.pt2`, `<stem>.onnx`, ...), not the file."""
+    return [p for p in path.parent.glob(f"{path.stem}.*") if p != path]
+
+
+def owner_stem(name: str) -> str:
+    """The weights file a name in a checkpoint folder belongs to, by its stem: `best-3-ab.pt2`
+    and `best-3-ab.safetensors` both belong to `best-3-ab`. Temp files start with a dot."""
+    return name.split(".", 1)[0]

@@ -83,7 +83,7 @@ class AsyncReads:
 
         try:
             connection = await psycopg.AsyncConnection.connect(
-                self._conninfo,
+                self._conninfo or "",
                 autocommit=True,
                 row_factory=namedtuple_row,
                 options="-c TimeZone=UTC",

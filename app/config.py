@@ -63,6 +63,13 @@ class Settings(CommonSettings):
         default=7 * 24 * 3600, gt=0, description="How long a dashboard sign-in lasts"
     )
 
+    orphan_grace_s: float = Field(
+        default=3600,
+        ge=0,
+        description="The start-up sweep removes artifact files no row names once they are "
+        "this old (younger ones may belong to an upload committing right now)",
+    )
+
     max_upload_bytes: int = Field(default=GIB, ge=1, description="Largest dataset upload")
     max_unpacked_bytes: int = Field(
         default=8 * GIB,

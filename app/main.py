@@ -15,7 +15,17 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits
-from app.api.routes import checkpoints, datasets, events, health, jobs, session, worker
+from app.api.routes import (
+    checkpoints,
+    datasets,
+    events,
+    health,
+    jobs,
+    projects,
+    session,
+    usage,
+    worker,
+)
 from app.api.schemas import ERROR_RESPONSES, JobOut
 from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
@@ -36,6 +46,7 @@ from app.protocol import API_PREFIX
 from app.reconciler import Reconciler
 from app.store import users
 from app.submission import preload
+from app.sweep import sweep
 from app.telemetry import LatencyMiddleware, Telemetry
 from app.web_pages import mount_web
 
@@ -63,7 +74,8 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         await run_in_threadpool(migrate_when_reachable, engine, settings.db_wait_s)
         if settings.token:
             await run_in_threadpool(ensure_admin_token, sessions, settings.token)
-        artifacts.sweep_temp()
+        # What a crash left (files no row names, rows without files): app/sweep.py
+        await run_in_threadpool(sweep, sessions, artifacts, grace_s=settings.orphan_grace_s)
         await run_in_threadpool(preload)
         # What is loaded by now (torch, the app) lives as long as the process: keep the
         # collector from walking it again on every full collection (with torch
@@ -96,8 +108,16 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
 
     install_error_handlers(app)
     app.include_router(health.router, prefix=API_PREFIX)
-    routers = (session.router, jobs.shown, datasets.router, jobs.router, events.router)
-    for router in (*routers, checkpoints.router):
+    for router in (
+        session.router,
+        jobs.shown,
+        datasets.router,
+        jobs.router,
+        events.router,
+        checkpoints.router,
+        projects.router,
+        usage.router,
+    ):
         app.include_router(router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.claims, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(worker.reports, prefix=API_PREFIX, responses=ERROR_RESPONSES)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -132,6 +133,12 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_user_id_id", "user_id", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # a project's jobs newest first (GET /jobs?project=)
+        Index("ix_jobs_user_id_project_id", "user_id", "project", "id"),
+        # GET /projects counts from the index alone
+        Index("ix_jobs_user_id_project_status", "user_id", "project", "status"),
+        # GET /jobs?sort=best
+        Index("ix_jobs_user_id_best_value_id", "user_id", "best_value", "id"),
     )
 
     # ids sort by creation time (millisecond prefix), so "newest first" is ORDER BY id DESC
@@ -159,6 +166,26 @@ class Job(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None]
+    # Metadata (spec keys project, tags, note; editable with PATCH /jobs/{id}). `tags`
+    # is the list as shown, in its order; `job_tags` holds the same tags, indexed for search.
+    project: Mapped[str] = mapped_column(String(64), server_default="default")
+    tags: Mapped[list[str]] = mapped_column(JSONType, server_default=text("'[]'"))
+    note: Mapped[str] = mapped_column(Text, server_default="")
+    # Bytes the job holds in the artifact store: its kept checkpoint files (each once)
+    # and the exports cached beside them (app/retention.py)
+    disk_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class JobTag(Base):
+    """A tag of a job, with the job's owner copied in (a job never changes owner), so
+    `GET /jobs?tag=` walks one index of the user's tagged jobs in id order."""
+
+    __tablename__ = "job_tags"
+    __table_args__ = (Index("ix_job_tags_user_id_tag_job_id", "user_id", "tag", "job_id"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer)
 
 
 class JobDataset(Base):
@@ -264,4 +291,16 @@ class JobEvent(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(16))
     data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ArtifactStoreMark(Base):
+    """The one row naming the artifact root this database goes with (the root holds the
+    same mark in a file): the start-up sweep removes files only where the two agree,
+    so a service pointed at the wrong database never deletes a store's files."""
+
+    __tablename__ = "artifact_store_mark"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    mark: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

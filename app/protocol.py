@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.artifacts import ArtifactStore, TempFile
+from app import retention
+from app.artifacts import ArtifactStore, TempFile, job_folder
 from app.config import Settings
 from app.db import Sessions, session_scope
 from app.dispatch import Dispatcher, send_after_commit
@@ -160,14 +162,34 @@ def _store_checkpoint(
     value: float | None,
     lease_s: float,
 ) -> Checkpoint:
+    checkpoint, dropped = commit_checkpoint(
+        sessions, artifacts, ref, temp, kind, epoch, step, monitor, value, lease_s
+    )
+    retention.unlink_unreferenced(sessions, artifacts, ref.job_id, dropped)
+    return checkpoint
+
+
+def commit_checkpoint(
+    sessions: Sessions,
+    artifacts: ArtifactStore,
+    ref: AttemptRef,
+    temp: TempFile,
+    kind: str,
+    epoch: int,
+    step: int,
+    monitor: str | None,
+    value: float | None,
+    lease_s: float,
+) -> tuple[Checkpoint, list[str]]:
+    """Move the file in, record its row and delete the rows it supersedes, in one commit.
+
+    Returns the checkpoint and the paths of the deleted rows, which the caller unlinks
+    after this commit (app/retention.py says why this survives a crash at any point).
+    """
     with session_scope(sessions) as session:
         job, _ = attempts.current(session, ref)
         attempts.extend_lease(job, lease_s)
-        suffix = "pt" if kind == "last" else "safetensors"
-        # The sha in the name keeps every recorded row's file immutable: a
-        # re-upload with other bytes gets a new file, never overwrites a served one.
-        relative = f"jobs/{job.id}/checkpoints/{kind}-{epoch}-{temp.sha256[:16]}.{suffix}"
-        artifacts.commit(temp, relative)
+        relative = _place(session, artifacts, job.id, temp, kind, epoch)
         recorded = checkpoints.record(
             session,
             job_id=job.id,
@@ -180,11 +202,29 @@ def _store_checkpoint(
             sha256=temp.sha256,
             path=relative,
         )
-        if recorded.created:
+        dropped = retention.enforce(session, artifacts, job)
+        if recorded.replaced_path:
+            dropped.append(recorded.replaced_path)
+        # a late retry of a checkpoint the job no longer keeps is stored and dropped at once
+        if recorded.created and not inspect(recorded.checkpoint).deleted:
             events.append(session, job.id, "checkpoint", checkpoint_json(recorded.checkpoint))
-    if recorded.replaced_path:
-        artifacts.delete(recorded.replaced_path)
-    return recorded.checkpoint
+    return recorded.checkpoint, dropped
+
+
+def _place(
+    session: Session, artifacts: ArtifactStore, job_id: str, temp: TempFile, kind: str, epoch: int
+) -> str:
+    """Move the upload into the job's folder, unless a file of these bytes is there already
+    (`best` and `top_k` of one epoch): then the temp is dropped and that file is named."""
+    suffix = "pt" if kind == "last" else "safetensors"
+    same = checkpoints.with_sha(session, job_id, temp.sha256)
+    if same is not None and same.path.endswith(f".{suffix}") and artifacts.exists(same.path):
+        return same.path
+    # The sha in the name keeps every recorded row's file immutable: a
+    # re-upload with other bytes gets a new file, never overwrites a served one.
+    relative = f"{job_folder(job_id)}/checkpoints/{kind}-{epoch}-{temp.sha256[:16]}.{suffix}"
+    artifacts.commit(temp, relative)
+    return relative
 
 
 def checkpoint_json(checkpoint: Checkpoint) -> dict[str, Any]:

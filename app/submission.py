@@ -60,6 +60,14 @@ def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) 
             "training.epochs",
             f"this service runs at most {settings.max_epochs} epochs, found {spec.training.epochs}",
         )
+    if spec.resources.world_size > 1:
+        # The engine trains data-parallel (worker.engine.distributed); the workers do not
+        # start ranks yet, nor hold several GPUs or nodes for one job.
+        raise SpecError.at(
+            "resources",
+            f"this service runs a job as one process; {spec.resources.world_size} ranks "
+            f"(data-parallel) run on one machine with `torchyard train`",
+        )
     refs = dataset_refs(spec)
     found = datasets.get_many(session, user_id, set(refs.values()))
     missing = [
@@ -143,21 +151,72 @@ def _check_validation_fields(
         raise SpecError(issues)
 
 
+SOURCES_HEADER = "X-Dataset-Sources"
+MAX_SOURCE_CHARS = 1024
+
+
+def dataset_sources(raw: str | None, spec: Any) -> dict[str, str]:
+    """The `X-Dataset-Sources` header of a submit: where each dataset of the spec came
+    from, for the record (`{"data.train": "/home/me/digits_train.npz"}`), as a client
+    that uploaded local files says. It travels beside the spec, not in it: the stored
+    spec stays the engine's JobSpec, the same document `torchyard train` reads."""
+    from worker.engine.errors import SpecError
+
+    if not raw:
+        return {}
+    where = f"header.{SOURCES_HEADER}"
+    try:
+        sources = json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise SpecError.at(where, f"not JSON: {exc}") from None
+    if not isinstance(sources, dict):
+        raise SpecError.at(where, "expected a JSON object {json path: local path}")
+    refs = dataset_refs(spec)
+    for key, value in sources.items():
+        if key not in refs:
+            expected = ", ".join(refs)
+            raise SpecError.at(where, f"{key!r} names no dataset of this spec ({expected})")
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_SOURCE_CHARS or "\x00" in value:
+            raise SpecError.at(
+                where, f"{key}: expected a path of 1 to {MAX_SOURCE_CHARS} characters, no NUL"
+            )
+    return sources
+
+
 def submit_job(
-    session: Session, user_id: int, body: bytes, settings: Settings, dispatcher: Dispatcher
+    session: Session,
+    user_id: int,
+    body: bytes,
+    settings: Settings,
+    dispatcher: Dispatcher,
+    *,
+    sources: str | None = None,
 ) -> Job:
-    """Check, store as `queued`, and send the wake-up once the row is committed."""
+    """Check, store as `queued`, and send the wake-up once the row is committed.
+
+    `sources` (the X-Dataset-Sources header) is kept in the job's `fields` beside the
+    field infos, as `fields["sources"]`: both describe the job's data at submission.
+    """
     checked = check_spec(session, user_id, body, settings)
     queue = queue_for(checked.spec, gpu_first=settings.auto_gpu_wait_s > 0)
+    fields: dict[str, Any] = {
+        "inputs": to_json(checked.inputs),
+        "targets": to_json(checked.targets),
+    }
+    if recorded := dataset_sources(sources, checked.spec):
+        fields["sources"] = recorded
     job = jobs.create(
         session,
         user_id=user_id,
         name=checked.spec.name,
         spec=checked.document,
-        fields={"inputs": to_json(checked.inputs), "targets": to_json(checked.targets)},
+        fields=fields,
         queue=queue,
         max_restarts=checked.spec.max_restarts,
         dataset_ids=[d.id for d in checked.datasets.values()],
+        project=checked.spec.project,
+        tags=checked.spec.tags,
+        note=checked.spec.note,
     )
     send_after_commit(session, dispatcher, job.id, queue)
     return job

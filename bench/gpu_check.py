@@ -21,6 +21,11 @@ Checks (each a row; all on every visible GPU's behalf where it matters):
   log_every_n_steps is the one sync the loop means to make, and is let through.
 - resume: a GPU run's last.pt holds CPU tensors only, resumes on the CPU, and
   that one resumes on the GPU again (and cuda:1 -> cuda:0 with two GPUs).
+- data-parallel (>= 2 GPUs): `torchyard train` with `resources.gpus: 2` (NCCL, a
+  rank per GPU) trains the digits CNN (BatchNorm synchronised, dropout out, plain
+  SGD) to the weights one GPU trains with the same global batch (float
+  tolerance), rank 0 alone writing; and a rank killed mid-run fails the launch
+  (no rank left in a collective) and `--resume` finishes it.
 - service: `torchyard serve --workers N` (N = GPUs, at most 2) runs jobs as the
   service does (queue, `--gpu i` worker, spawned child): `auto` jobs land on GPU
   workers, two GPUs run two jobs at once on different GPUs; a DataLoader-worker
@@ -238,6 +243,80 @@ def check_resume(data: Path, tmp: Path, first: str, then: str) -> str:
     return f"{first} -> {then} -> {first}: 4 epochs, last.pt on the CPU"
 
 
+# ------------------------------------------------------------------ data-parallel
+
+
+def ddp_spec(data: Path, **resources: Any) -> dict[str, Any]:
+    """The digits CNN made exactly splittable: no dropout, plain SGD, BatchNorm synced."""
+    doc = digits_spec(data, "cuda", sync_batchnorm=True, deterministic=True)
+    doc["model"]["layers"] = [
+        layer for layer in doc["model"]["layers"] if layer["type"] != "dropout"
+    ]
+    doc["training"].update(
+        optimizer={"type": "sgd", "lr": 0.05}, scheduler=None, epochs=2, log_every_n_steps=10
+    )
+    doc["data"]["batch_size"] = 64
+    doc["resources"] = resources
+    return doc
+
+
+def torchyard_train(doc: dict[str, Any], tmp: Path, name: str, *extra: str) -> subprocess.Popen:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "app.cli", "train", str(path), "-o", str(tmp / name), "-q"]
+    return subprocess.Popen([*command, *extra], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def check_ddp_matches_one_gpu(data: Path, tmp: Path) -> str:
+    one = run_job(parse_spec(ddp_spec(data)), tmp / "ddp-one")
+    assert one.status == "succeeded", one.error
+    two = torchyard_train(ddp_spec(data, gpus=2), tmp, "ddp-two")
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err[-2000:]
+    a = torch.load(tmp / "ddp-one" / "last.pt", weights_only=True)
+    b = torch.load(tmp / "ddp-two" / "last.pt", weights_only=True)
+    assert b["world_size"] == 2 and len(b["rng"]) == 2
+    worst = 0.0
+    for key, value in a["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(b["model"][key], value, rtol=1e-3, atol=1e-4)
+            worst = max(worst, (b["model"][key] - value).abs().max().item())
+    files = sorted(p.name for p in (tmp / "ddp-two").iterdir())
+    assert files == ["best.safetensors", "last.pt", "metrics.jsonl", "result.json"], files
+    return f"2 GPUs vs 1, same global batch: weights within {worst:.2e}; files: rank 0's only"
+
+
+def check_ddp_rank_killed(data: Path, tmp: Path) -> str:
+    import psutil
+
+    doc = ddp_spec(data, gpus=2)
+    doc["training"]["epochs"] = 30
+    run = torchyard_train(doc, tmp, "ddp-killed")
+    last = tmp / "ddp-killed" / "last.pt"
+    while not last.exists() and run.poll() is None:
+        time.sleep(0.05)
+    ranks = sorted(
+        (c.create_time(), c.pid)
+        for c in psutil.Process(run.pid).children()
+        if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
+    )
+    assert run.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
+    started = time.monotonic()
+    os.kill(ranks[1][1], 9)
+    run.communicate(timeout=300)
+    ended_after = time.monotonic() - started
+    assert run.returncode == 1, run.returncode
+    result = json.loads((tmp / "ddp-killed" / "result.json").read_text())
+    assert "SIGKILL" in (result["error"] or ""), result
+    resumed = torchyard_train(doc, tmp, "ddp-killed", "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    assert epoch == 30, epoch
+    return f"rank 1 killed: launch failed {ended_after:.1f} s later; --resume finished 30 epochs"
+
+
 # ------------------------------------------------------------------ the service
 
 
@@ -251,7 +330,7 @@ def check_service(
     data: Path, tmp: Path, gpus: int, cpu_best: dict[str, float], on: str = "cuda"
 ) -> str:
     """`on="cpu"` (--cpu): one auto job on a CPU worker, to test this check's own plumbing."""
-    from app.client import ApiClient
+    from torchyard import Client
 
     workers = max(1, min(gpus, 2))
     port = free_port()
@@ -270,21 +349,21 @@ def check_service(
         token = wait(lambda: re.search(r"TORCHYARD_TOKEN=(\S+)", log.read_text()), 120, serve, log)
         url = f"http://127.0.0.1:{port}"
         wait(lambda: ready(url), 120, serve, log)
-        client = ApiClient(url, token.group(1))
-        train = client.upload(data / "digits_train.npz")["id"]
-        val = client.upload(data / "digits_val.npz")["id"]
+        client = Client(url, token.group(1))
+        train = client.datasets.upload(data / "digits_train.npz")["id"]
+        val = client.datasets.upload(data / "digits_val.npz")["id"]
 
         def service_spec(**training: Any) -> dict[str, Any]:
             doc = digits_spec(data, "auto", **training)
             doc["data"].update(train=train, validation=val)
             return doc
 
-        jobs = {f"auto {i}": client.submit(service_spec()) for i in range(workers)}
+        jobs = {f"auto {i}": client.submit(service_spec()).info for i in range(workers)}
         if on == "cuda":
             loader = service_spec(device="cuda")
             loader["data"].update(in_memory="never", num_workers=2)
-            jobs["cuda, 2 loader workers"] = client.submit(loader)
-            jobs["cuda, compile"] = client.submit(service_spec(device="cuda", compile=True))
+            jobs["cuda, 2 loader workers"] = client.submit(loader).info
+            jobs["cuda, compile"] = client.submit(service_spec(device="cuda", compile=True)).info
         done = {
             name: wait(lambda j=job: ended(client, j["id"]), 420, serve, log)
             for name, job in jobs.items()
@@ -294,12 +373,7 @@ def check_service(
             if job["status"] != "succeeded":
                 problems.append(f"{name}: {job['status']}: {job.get('error')}")
                 continue
-            lines = [
-                line
-                for _, kind, body in client.events(job["id"])
-                if kind == "log"
-                for line in body.get("lines", [])
-            ]
+            lines = client.job(job["id"]).logs()
             device = next((line for line in lines if line.startswith("device: ")), "")
             if not device.startswith(f"device: {on}"):
                 problems.append(f"{name}: ran on {device or 'no device line'}")
@@ -335,7 +409,7 @@ def ready(url: str) -> bool:
 
 
 def ended(client: Any, job_id: str) -> dict[str, Any] | None:
-    job = client.job(job_id)
+    job = client.job(job_id).info
     return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
 
@@ -414,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
             check.run(
                 "resume cuda:1 -> cuda:0", lambda: check_resume(data, tmp, "cuda:1", "cuda:0")
             )
+        if gpus >= 2:
+            check.run("data-parallel 2 GPUs = 1 GPU", lambda: check_ddp_matches_one_gpu(data, tmp))
+            check.run("data-parallel rank killed", lambda: check_ddp_rank_killed(data, tmp))
+        else:
+            check.skip("data-parallel (2 GPUs)", "needs 2 GPUs")
         check.run(
             f"service on {device} workers",
             lambda: check_service(data, tmp, gpus, cpu_best, on=device),

@@ -6,6 +6,9 @@
 - `app/` imports the engine and the shared settings (`worker.settings`), never the
   worker process (`worker.celery_app`, `task`, `reporting`, `client`); the one
   exception is `app/cli/service.py` (the `worker` command), which starts that process.
+- `torchyard/`, the client users import, stands alone: nothing from `app/` or `worker/`
+  (not even the engine) and none of the service's or the engine's libraries, so it can
+  be installed light.
 
 Every import statement counts, also the lazy ones inside functions.
 """
@@ -13,6 +16,8 @@ Every import statement counts, also the lazy ones inside functions.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +42,20 @@ ENGINE_FORBIDDEN = (
     "worker.settings",
 )
 WORKER_PROCESS = ("worker.celery_app", "worker.task", "worker.reporting", "worker.client")
+CLIENT_FORBIDDEN = (
+    "app",
+    "worker",
+    "torch",
+    "numpy",
+    "celery",
+    "kombu",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "sqlalchemy",
+    "psycopg",
+    "redis",
+)
 # The `torchyard worker` command starts the worker process: it is the launcher.
 APP_MAY_LAUNCH_WORKER = frozenset({"app/cli/service.py"})
 
@@ -95,6 +114,33 @@ def test_worker_never_imports_app():
 
 def test_app_imports_the_engine_but_not_the_worker_process():
     assert violations("app", WORKER_PROCESS, APP_MAY_LAUNCH_WORKER) == []
+
+
+def test_the_client_package_imports_nothing_of_the_service_or_the_engine():
+    assert violations("torchyard", CLIENT_FORBIDDEN) == []
+
+
+def test_importing_the_client_loads_no_service_engine_or_torch_module():
+    """What the walker cannot see: a dependency of ours pulling one of them in."""
+    probe = (
+        "import sys, torchyard, torchyard.aio; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'app', 'worker', 'torch', "
+        "'numpy', 'fastapi', 'sqlalchemy', 'celery'}))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_cli_starts_without_torch():
+    """`torchyard submit` and the other service commands answer in well under a second:
+    torch (seconds to import) loads only in the commands that run the engine."""
+    probe = "import sys, app.cli; print('torch' in sys.modules)"
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(

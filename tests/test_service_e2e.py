@@ -33,7 +33,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from app.client import ApiClient
+from torchyard import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_DB = 7  # a database of its own, flushed before use
@@ -61,8 +61,8 @@ class Service:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: Path | None = None
 
-    def client(self) -> ApiClient:
-        return ApiClient(self.url, self.token)
+    def client(self) -> Client:
+        return Client(self.url, self.token)
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -220,9 +220,9 @@ def short_digits_spec(train_id: str, val_id: str, epochs: int = 3) -> dict[str, 
     return spec
 
 
-def upload_digits(client: ApiClient, examples_dir: Path) -> tuple[str, str]:
-    train = client.upload(examples_dir / "data" / "digits_train.npz")
-    val = client.upload(examples_dir / "data" / "digits_val.npz")
+def upload_digits(client: Client, examples_dir: Path) -> tuple[str, str]:
+    train = client.datasets.upload(examples_dir / "data" / "digits_train.npz")
+    val = client.datasets.upload(examples_dir / "data" / "digits_val.npz")
     assert train["fields"]["x"]["shape"] == [1, 8, 8]
     return train["id"], val["id"]
 
@@ -268,11 +268,11 @@ def test_upload_submit_follow_download_matches_the_reported_best(
     train_id, val_id = upload_digits(client, examples_dir)
     spec = short_digits_spec(train_id, val_id)
     job = client.submit(spec)
-    assert job["status"] == "queued"
+    assert job.status == "queued"
 
     kinds: list[str] = []
     statuses: list[str] = []
-    for _, kind, data in client.events(job["id"]):
+    for _, kind, data in job.follow():
         kinds.append(kind)
         if kind == "status":
             statuses.append(data["status"])
@@ -280,27 +280,27 @@ def test_upload_submit_follow_download_matches_the_reported_best(
     assert {"status", "metrics", "checkpoint", "log"} <= set(kinds)
     assert statuses[:2] == ["queued", "running"] and statuses[-1] == "succeeded"
 
-    final = client.job(job["id"])
+    final = job.refresh().info
     assert final["status"] == "succeeded", final.get("error")
     assert final["best"]["monitor"] == "val_accuracy"
     assert final["progress"]["epochs"] == 3 and final["progress"]["step"] == 135
     assert {"loss", "val_loss", "val_accuracy", "lr"} <= set(final["metrics"])
     logs = httpx.get(
-        f"{service.url}/api/v1/jobs/{job['id']}/logs",
+        f"{service.url}/api/v1/jobs/{job.id}/logs",
         headers={"Authorization": f"Bearer {service.token}"},
     ).json()["lines"]
     assert any(line.startswith("epoch 2 of 3:") for line in logs)
-    history = client.metrics(job["id"], ["val_accuracy", "loss"])
+    history = job.metrics(["val_accuracy", "loss"])
     values = [p["value"] for p in history["val_accuracy"]]
     assert len(values) == 3 and len(history["loss"]) == 3
     assert final["best"]["value"] == max(values)
 
-    weights = client.download(job["id"], tmp_path / "best.safetensors")
+    weights = job.download(tmp_path / "best.safetensors")
     assert val_accuracy_of(weights, spec, examples_dir) == pytest.approx(
         final["best"]["value"], abs=1e-9
     )
     listed = httpx.get(
-        f"{service.url}/api/v1/jobs/{job['id']}/checkpoints",
+        f"{service.url}/api/v1/jobs/{job.id}/checkpoints",
         headers={"Authorization": f"Bearer {service.token}"},
     ).json()
     import hashlib
@@ -314,17 +314,10 @@ def test_cancel_a_running_job_keeps_its_best_checkpoint(compose_service, example
     client = compose_service.client()
     train_id, val_id = upload_digits(client, examples_dir)
     job = client.submit(short_digits_spec(train_id, val_id, epochs=500))
-    wait_for(lambda: any(c["kind"] == "best" for c in _checkpoints(compose_service, job["id"])))
-    answer = client.cancel(job["id"])
-    assert answer["status"] in ("running", "cancelled")
-    final = wait_for(
-        lambda: (
-            (j := client.job(job["id"]))["status"] in ("cancelled", "failed", "succeeded") and j
-        ),
-        timeout=60,
-    )
-    assert final["status"] == "cancelled"
-    assert client.download(job["id"], tmp_path / "w.safetensors").stat().st_size > 0
+    wait_for(lambda: any(c["kind"] == "best" for c in _checkpoints(compose_service, job.id)))
+    assert job.cancel().status in ("running", "cancelled")
+    assert job.wait(timeout=60).status == "cancelled"
+    assert job.download(tmp_path / "w.safetensors").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -332,17 +325,10 @@ def test_two_jobs_run_at_once_on_two_workers(compose_service, examples_dir):
     client = compose_service.client()
     train_id, val_id = upload_digits(client, examples_dir)
     jobs = [client.submit(short_digits_spec(train_id, val_id, epochs=40)) for _ in range(2)]
-    ids = [j["id"] for j in jobs]
-    wait_for(lambda: all(client.job(i)["status"] == "running" for i in ids), timeout=90)
-    for i in ids:
-        client.cancel(i)
-    finals = [
-        wait_for(
-            lambda i=i: client.job(i)["status"] in ("cancelled", "succeeded") and client.job(i)
-        )
-        for i in ids
-    ]
-    assert {f["status"] for f in finals} <= {"cancelled", "succeeded"}
+    wait_for(lambda: all(j.refresh().status == "running" for j in jobs), timeout=90)
+    for job in jobs:
+        job.cancel()
+    assert {job.wait(timeout=120).status for job in jobs} <= {"cancelled", "succeeded"}
 
 
 def _checkpoints(service: Service, job_id: str) -> list[dict[str, Any]]:

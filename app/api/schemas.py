@@ -11,6 +11,7 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from app.models import Checkpoint, Dataset, Job
 from app.store.metrics import finite, latest_values
+from worker.engine.spec import LABEL_CHARACTERS, MAX_TAGS, Label, Note, Tags
 
 # The largest values the database's integer columns hold (Integer, BigInteger): a
 # larger number in a request is a 422, not an overflow inside the database driver.
@@ -100,6 +101,9 @@ class JobSummary(BaseModel):
     attempt: int
     cancel_requested: bool
     error: str | None
+    project: str
+    tags: list[str]
+    note: str
     progress: ProgressOut | None
     best: BestOut | None
 
@@ -121,6 +125,9 @@ class JobSummary(BaseModel):
             "attempt": job.attempt,
             "cancel_requested": job.cancel_requested,
             "error": job.error,
+            "project": job.project,
+            "tags": job.tags,
+            "note": job.note,
             "progress": ProgressOut(
                 **{k: v for k, v in job.progress.items() if k in ProgressOut.model_fields}
             )
@@ -130,7 +137,7 @@ class JobSummary(BaseModel):
         }
 
     @classmethod
-    def of(cls, job: Job) -> JobSummary:
+    def of(cls, job: Job | Row[Any]) -> JobSummary:
         return cls(**cls.fields_of(job))
 
 
@@ -144,6 +151,14 @@ class JobOut(JobSummary):
         description="The run's result once finished (epochs run, steps, final metrics)",
     )
     spec: dict[str, Any]
+    dataset_sources: dict[str, str] = Field(
+        description="Where each dataset came from, by its JSON path in the spec, as the "
+        "submitting client said (X-Dataset-Sources); empty when it did not say"
+    )
+    disk_bytes: int = Field(
+        description="Bytes the job holds in the artifact store: its kept checkpoint files "
+        "(each once) and the exports cached beside them"
+    )
 
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
@@ -156,6 +171,8 @@ class JobOut(JobSummary):
             stop_reason=job.stop_reason,
             result=job.result,
             spec=job.spec,
+            dataset_sources=(job.fields or {}).get("sources", {}),
+            disk_bytes=job.disk_bytes or 0,
         )
 
     @classmethod
@@ -164,11 +181,42 @@ class JobOut(JobSummary):
         return cls.of(job).model_dump_json().encode()
 
 
+class UsageOf(BaseModel):
+    count: int
+    bytes: int
+
+
+class UsageOut(BaseModel):
+    """What the caller holds in the artifact store."""
+
+    datasets: UsageOf = Field(description="The caller's datasets: count and file bytes")
+    jobs: UsageOf = Field(description="The caller's jobs: count and the sum of their disk_bytes")
+    total_bytes: int
+
+
 class JobPage(BaseModel):
     jobs: list[JobSummary]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end"
     )
+
+
+class JobEdit(BaseModel):
+    """PATCH /jobs/{id}: the metadata to change; a key left out keeps its value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: Label | None = Field(default=None, description=f"1 to 64 of: {LABEL_CHARACTERS}")
+    tags: Tags | None = Field(
+        default=None, description=f"Replaces the tags: at most {MAX_TAGS}, each as a project"
+    )
+    note: Note | None = Field(default=None, description="Free text, at most 10,000 characters")
+
+
+class ProjectOut(BaseModel):
+    name: str
+    jobs: int
+    by_status: dict[str, int] = Field(description="Job counts by status (only those above 0)")
 
 
 class ValidateOut(BaseModel):

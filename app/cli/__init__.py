@@ -2,11 +2,15 @@
 
 local.py    schema, validate, train, export: the engine on this machine
 service.py  serve, worker: the service's processes (the one module that starts the worker)
-remote.py   upload, submit, jobs, status, cancel, metrics, download: the REST API's client
-admin.py    token create: straight to the service's database
+remote.py   upload, submit, jobs, status, cancel, metrics, download, rm, projects, tag, note:
+            the REST API's client (through `torchyard.Client`)
+admin.py    token create, admin gc-datasets: straight to the service's database
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -20,6 +24,7 @@ app = typer.Typer(
 )
 
 # Registration order is the order `--help` lists them in.
+command: Callable[..., Any]
 for command in (local.schema, local.validate, local.train, local.export, service.serve):
     app.command()(command)
 app.command("worker")(service.worker_command)
@@ -31,9 +36,14 @@ for command in (
     remote.cancel,
     remote.metrics,
     remote.download,
+    remote.rm,
+    remote.projects,
+    remote.tag,
+    remote.note,
 ):
     app.command()(command)
 app.add_typer(admin.token_app, name="token")
+app.add_typer(admin.admin_app, name="admin")
 
 
 def main() -> None:

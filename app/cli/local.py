@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from app.cli.terminal import SpecArg, console, err, fail
-from worker.engine.callbacks import Callback
 from worker.engine.errors import DataError, SpecError
+
+if TYPE_CHECKING:  # the engine's training modules import torch: only when training
+    from worker.engine.callbacks import Callback
 
 InputShapeOpt = Annotated[
     list[str] | None,
@@ -26,14 +26,21 @@ InputShapeOpt = Annotated[
 
 
 def _load_spec(path: Path) -> Any:
+    return _parse(_read_spec(path))
+
+
+def _read_spec(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _parse(document: bytes) -> Any:
     from worker.engine.spec import parse_spec
 
     try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise fail(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        return parse_spec(text)
+        return parse_spec(document)
     except SpecError as exc:
         raise fail([str(issue) for issue in exc.issues]) from None
 
@@ -112,7 +119,7 @@ def _max_params() -> int:
 
     class Limits(BaseSettings):
         model_config = SettingsConfigDict(env_prefix="TORCHYARD_", extra="ignore")
-        max_params: int = Settings.model_fields["max_params"]
+        max_params: int = Settings.model_fields["max_params"]  # type: ignore[assignment]
 
     try:
         return Limits().max_params
@@ -135,10 +142,36 @@ def validate(
         built = build_model(spec, inputs, targets, device="meta", max_params=_max_params())
     except SpecError as exc:
         raise fail([str(issue) for issue in exc.issues]) from None
+    ranks = _ranks_summary(spec)
     if as_json:
-        sys.stdout.write(json.dumps(built.summary.as_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps({**built.summary.as_dict(), **ranks}, indent=2) + "\n")
     else:
         console.print(built.summary.render())
+        console.print(_ranks_line(spec, ranks), highlight=False)
+
+
+def _ranks_summary(spec: Any) -> dict[str, Any]:
+    """How the run is split: the world size and each rank's share of the global batch."""
+    res = spec.resources
+    return {
+        "world_size": res.world_size,
+        "nodes": res.nodes,
+        "ranks_per_node": res.ranks_per_node,
+        "backend": None if res.world_size == 1 else "nccl" if res.gpu_ranks else "gloo",
+        "batch_size": spec.data.batch_size,
+        "batch_per_rank": spec.data.batch_size // res.world_size,
+    }
+
+
+def _ranks_line(spec: Any, ranks: dict[str, Any]) -> str:
+    if ranks["world_size"] == 1:
+        return f"world size 1 (one process); batch {ranks['batch_size']}"
+    kind = "GPU" if spec.resources.gpu_ranks else "CPU process"
+    return (
+        f"world size {ranks['world_size']} ({ranks['ranks_per_node']} {kind} rank(s) x "
+        f"{ranks['nodes']} node(s), {ranks['backend']}); batch {ranks['batch_size']} global, "
+        f"{ranks['batch_per_rank']} per rank"
+    )
 
 
 def train(
@@ -149,24 +182,68 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train a spec on this machine; write metrics.jsonl, best.safetensors, last.pt, result.json."""
+    """Train a spec on this machine; write metrics.jsonl, best.safetensors, last.pt, result.json.
+
+    With `resources.processes` or `resources.gpus` above 1, one rank per process or GPU
+    (torch's elastic agent, as torchrun); more than one node is the service's to run."""
+    from app.cli.progress_bar import ProgressBar
     from worker.engine.train import run_job
 
-    spec = _load_spec(spec_path)
-    callbacks = [] if quiet else [_ProgressBar(console)]
-    result = run_job(
-        spec,
-        out,
-        resolve=_resolver(spec_path),
-        callbacks=callbacks,
-        resume=resume,
-        max_params=_max_params(),
-    )
+    document = _read_spec(spec_path)
+    spec = _parse(document)
+    res = spec.resources
+    if res.world_size == 1:
+        callbacks: list[Callback] = [] if quiet else [ProgressBar(console)]
+        result = run_job(
+            spec,
+            out,
+            resolve=_resolver(spec_path),
+            callbacks=callbacks,
+            resume=resume,
+            max_params=_max_params(),
+        )
+    elif res.nodes > 1:
+        raise fail(
+            f"resources.nodes {res.nodes}: `torchyard train` runs one node; start each node "
+            f"under torchrun, or submit the job to a service"
+        )
+    else:
+        from worker.engine.launch import launch_ranks
+
+        # The document as written, not `spec.dump()`: which defaults were given matters
+        # (model.init's bias applies only beside a weight init that was set).
+        args = (document, str(out), str(spec_path), resume, _max_params(), quiet)
+        result = launch_ranks(_train_rank, args, nproc=res.world_size, run_dir=out)
     _print_result(result, out)
     if result.status == "failed":
         raise typer.Exit(1)
     if result.status == "cancelled":
         raise typer.Exit(130)
+
+
+def _train_rank(
+    document: bytes,
+    out: str,
+    spec_path: str,
+    resume: bool,
+    max_params: int,
+    quiet: bool,
+) -> Any:
+    """One rank of a data-parallel `train`, spawned by the launcher (plain arguments)."""
+    from app.cli.progress_bar import ProgressBar
+    from worker.engine.distributed import Ranks
+    from worker.engine.spec import parse_spec
+    from worker.engine.train import run_job
+
+    show = not quiet and Ranks.from_env().is_zero  # one progress bar: rank 0's
+    return run_job(
+        parse_spec(document),
+        Path(out),
+        resolve=_resolver(Path(spec_path)),
+        callbacks=[ProgressBar(console)] if show else [],
+        resume=resume,
+        max_params=max_params,
+    )
 
 
 def export(
@@ -204,53 +281,3 @@ def _print_result(result: Any, out: Path) -> None:
         line += f"; stopped early: {result.stop_reason}"
     console.print(line, highlight=False)
     console.print(f"run folder: {out}", highlight=False)
-
-
-class _ProgressBar(Callback):
-    """A rich progress bar fed by the trainer's callback hooks (no device syncs)."""
-
-    name = "progress"
-
-    def __init__(self, console: Console):
-        self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"),
-            BarColumn(),
-            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task: Any = None
-
-    def on_fit_start(self, trainer: Any) -> None:
-        total = trainer.steps_per_epoch * trainer.spec.training.epochs
-        if trainer.spec.training.max_steps:
-            total = min(total, trainer.spec.training.max_steps)
-        self.progress.start()
-        self.task = self.progress.add_task(
-            "train", total=total, completed=trainer.step, epoch=f"{trainer.epoch}", info=""
-        )
-
-    def on_batch_end(self, trainer: Any) -> None:
-        self.progress.update(
-            self.task,
-            completed=trainer.step,
-            epoch=f"{trainer.epoch} of {trainer.spec.training.epochs}",
-        )
-
-    def on_log(self, trainer: Any, points: list[Any]) -> None:
-        loss = next((p.value for p in points if p.name == "loss_step"), None)
-        if loss is not None:
-            self.progress.update(self.task, info=f"loss {loss:.4f}")
-
-    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
-        shown = {
-            k: v for k, v in metrics.items() if k not in ("epoch_time_s", "samples_per_s", "lr")
-        }
-        text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-        self.progress.console.print(f"epoch {epoch}: {text}", highlight=False)
-
-    def on_fit_end(self, trainer: Any) -> None:
-        self.progress.stop()

@@ -46,9 +46,9 @@ def serve(
 
     gpus = serve_gpus(workers)  # worker i trains on GPU i; the rest on the CPU
     # No GPU worker: `auto` jobs go to the CPU workers at once.
-    no_wait = {} if any(g is not None for g in gpus) else {"auto_gpu_wait_s": 0}
+    no_wait: dict[str, Any] = {} if any(g is not None for g in gpus) else {"auto_gpu_wait_s": 0}
     env_url = os.environ.get("TORCHYARD_API_URL")
-    settings = Settings(api_url=env_url or f"http://{host}:{port}", **no_wait)  # type: ignore[call-arg]
+    settings = Settings(api_url=env_url or f"http://{host}:{port}", **no_wait)
     settings = with_worker_token(settings)
     token = bootstrap(settings)
     log_path = None if verbose else serve_logs.fresh_log(settings.home)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
@@ -15,7 +16,7 @@ from app.models import Checkpoint, utcnow
 class Recorded:
     checkpoint: Checkpoint
     created: bool  # False: the same file was already recorded (a retry)
-    replaced_path: str | None  # a file the new row superseded, to delete after commit
+    replaced_path: str | None  # a file the new row superseded: unlink it after commit if unnamed
 
 
 def record(
@@ -101,3 +102,51 @@ def exists(session: Session, job_id: str, kind: str) -> bool:
         select(Checkpoint.id).where(Checkpoint.job_id == job_id, Checkpoint.kind == kind).limit(1)
     )
     return session.execute(stmt).first() is not None
+
+
+def with_sha(session: Session, job_id: str, sha256: str) -> Checkpoint | None:
+    """A row of the job whose file has these bytes (`best` and `top_k` of one epoch share one)."""
+    stmt = (
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.sha256 == sha256)
+        .order_by(Checkpoint.id)
+        .limit(1)
+    )
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def delete_rows(session: Session, rows: Collection[Checkpoint]) -> None:
+    """Delete the rows (their files go after commit: app.retention.unlink_unreferenced)."""
+    for row in rows:
+        session.delete(row)
+    session.flush()
+
+
+def referenced(session: Session, job_id: str, paths: Collection[str]) -> set[str]:
+    """Which of `paths` a row of the job still names."""
+    if not paths:
+        return set()
+    stmt = select(Checkpoint.path).where(
+        Checkpoint.job_id == job_id, Checkpoint.path.in_(list(paths))
+    )
+    return set(session.execute(stmt).scalars())
+
+
+def all_files(session: Session) -> list[tuple[int, str, str]]:
+    """(id, job id, path) of every row, for the start-up sweep."""
+    stmt = select(Checkpoint.id, Checkpoint.job_id, Checkpoint.path).order_by(Checkpoint.id)
+    return [(row_id, job_id, path) for row_id, job_id, path in session.execute(stmt)]
+
+
+def jobs_with_several(session: Session) -> list[str]:
+    """Jobs with more than one `last`, or ranked checkpoints of more than one epoch: those
+    a retention policy may have to prune (the others keep all they have)."""
+    lasts = func.sum(case((Checkpoint.kind == "last", 1), else_=0))
+    ranked_epochs = func.count(func.distinct(case((Checkpoint.kind != "last", Checkpoint.epoch))))
+    stmt = (
+        select(Checkpoint.job_id)
+        .group_by(Checkpoint.job_id)
+        .having((lasts > 1) | (ranked_epochs > 1))
+        .order_by(Checkpoint.job_id)
+    )
+    return list(session.execute(stmt).scalars())

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
@@ -50,9 +51,13 @@ def get(session: Session, user_id: int, dataset_id: str) -> Dataset:
     return dataset
 
 
-def list_for_user(session: Session, user_id: int) -> list[Dataset]:
-    stmt = select(Dataset).where(Dataset.user_id == user_id).order_by(Dataset.id.desc())
-    return list(session.execute(stmt).scalars())
+def list_for_user(session: Session, user_id: int, *, sha256: str | None = None) -> list[Dataset]:
+    """Newest first; with `sha256`, only the user's datasets of those bytes (never
+    another user's: whether someone else holds a file is not this user's to learn)."""
+    stmt = select(Dataset).where(Dataset.user_id == user_id)
+    if sha256 is not None:
+        stmt = stmt.where(Dataset.sha256 == sha256)
+    return list(session.execute(stmt.order_by(Dataset.id.desc())).scalars())
 
 
 def get_many(session: Session, user_id: int, dataset_ids: Collection[str]) -> dict[str, Dataset]:
@@ -115,3 +120,37 @@ def of_job(session: Session, job_id: str) -> list[Dataset]:
         .where(JobDataset.job_id == job_id)
     )
     return list(session.execute(stmt).scalars())
+
+
+def all_ids(session: Session) -> set[str]:
+    return set(session.execute(select(Dataset.id)).scalars())
+
+
+def unreferenced(session: Session, created_before: datetime) -> list[Dataset]:
+    """Datasets no job names, uploaded before `created_before` (oldest first)."""
+    named = exists().where(JobDataset.dataset_id == Dataset.id)
+    stmt = (
+        select(Dataset)
+        .where(~named, Dataset.created_at < created_before)
+        .order_by(Dataset.created_at, Dataset.id)
+    )
+    return list(session.execute(stmt).scalars())
+
+
+def delete_if_unreferenced(session: Session, dataset_id: str) -> bool:
+    """Delete the row if still no job names it (the caller removes the file after commit).
+
+    The row lock conflicts with the share lock a submission takes on its datasets
+    (`get_many`): a job submitted meanwhile is seen here, or its submission finds the
+    dataset gone (404), never a job without its data.
+    """
+    stmt = select(Dataset.id).where(Dataset.id == dataset_id).with_for_update()
+    if session.execute(stmt).scalar_one_or_none() is None:
+        return False
+    named = session.execute(
+        select(func.count()).select_from(JobDataset).where(JobDataset.dataset_id == dataset_id)
+    ).scalar_one()
+    if named:
+        return False
+    session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+    return True

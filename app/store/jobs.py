@@ -7,18 +7,27 @@ a claim) exactly one wins, and a terminal state never changes again.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import Engine, Row, bindparam, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, Row, Select, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from app.async_reads import AsyncReads
 from app.db import read_scope
 from app.errors import Conflict, NotFound
 from app.ids import is_id, new_id
-from app.models import TERMINAL_STATUSES, Job, JobDataset, JobEvent, User, utcnow
+from app.models import (
+    TERMINAL_STATUSES,
+    Job,
+    JobDataset,
+    JobEvent,
+    JobTag,
+    User,
+    utcnow,
+)
 from app.store import events
 
 
@@ -32,6 +41,9 @@ def create(
     queue: str,
     max_restarts: int,
     dataset_ids: Collection[str],
+    project: str = "default",
+    tags: Sequence[str] = (),
+    note: str = "",
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -47,10 +59,14 @@ def create(
         created_at=now,
         dispatched_at=now,
         latest_metrics={},
+        project=project,
+        tags=list(tags),
+        note=note,
     )
     session.add(job)
     session.flush()
     session.add_all(JobDataset(job_id=job.id, dataset_id=d) for d in sorted(set(dataset_ids)))
+    session.add_all(JobTag(job_id=job.id, tag=tag, user_id=user_id) for tag in set(tags))
     events.append(session, job.id, "status", {"status": "queued", "attempt": 1})
     return job
 
@@ -80,6 +96,11 @@ SHOWN = (
     "stopped_early",
     "stop_reason",
     "spec",
+    "project",
+    "tags",
+    "note",
+    "fields",  # JobOut shows fields["sources"]
+    "disk_bytes",
 )
 # The jobs of many ids at once, with their owner, for coalesced polls (`shown_by_id`).
 _SHOWN_BY_IDS = select(JOBS.c.user_id, *(JOBS.c[name] for name in SHOWN)).where(
@@ -147,19 +168,191 @@ def lock_user(session: Session, user_id: int) -> None:
     session.execute(select(User.id).where(User.id == user_id).with_for_update())
 
 
-def list_page(
-    session: Session, user_id: int, *, status: str | None, limit: int, before_id: str | None
-) -> tuple[list[Job], str | None]:
-    """Newest first; returns the page and the id to continue before (None at the end)."""
-    stmt = select(Job).where(Job.user_id == user_id)
-    if status:
-        stmt = stmt.where(Job.status == status)
-    if before_id:
-        stmt = stmt.where(Job.id < before_id)
-    rows = list(session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1)).scalars())
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (rows[-1].id if more and rows else None)
+Sort = Literal["created", "best"]
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """What GET /jobs asks for: filters, combined with AND, and an order."""
+
+    project: str | None = None
+    tags: tuple[str, ...] = ()  # every one must match
+    status: str | None = None
+    name: str | None = None  # a substring, case-insensitive
+    sort: Sort = "created"
+    descending: bool = True
+
+
+@dataclass(frozen=True)
+class Position:
+    """The sort key of the last job of a page: the next page starts after it."""
+
+    id: str
+    best_value: float | None = None
+
+
+# What a job's line in a list shows (JobSummary), and its sort keys: not the spec, the
+# result or the metrics, which would cost more to read and decode than the search.
+LISTED = (
+    "id",
+    "name",
+    "status",
+    "queue",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "attempt",
+    "cancel_requested",
+    "error",
+    "project",
+    "tags",
+    "note",
+    "best_value",
+    # the dashboard's table: epoch x/y, ETA and the best (a small JSON and two columns)
+    "progress",
+    "best_epoch",
+    "best_monitor",
+)
+
+
+def search(
+    session: Session, user_id: int, query: JobQuery, *, limit: int, after: Position | None
+) -> tuple[list[Row[Any]], Position | None]:
+    """A page of the user's jobs, and where the next starts (None at the end).
+
+    Keyset pagination: the next page is "after this sort key", so jobs submitted or
+    deleted meanwhile neither repeat nor skip others. Ids grow with creation time, so
+    `created` is the order of ids; `best` is the best monitored value, ties by id in
+    the same direction, jobs without one last. Rows have the columns LISTED.
+    """
+    stmt = select(*(JOBS.c[name] for name in LISTED)).where(Job.user_id == user_id)
+    if query.project is not None:
+        stmt = stmt.where(Job.project == query.project)
+    if query.status is not None:
+        stmt = stmt.where(Job.status == query.status)
+    if query.name:
+        stmt = stmt.where(Job.name.icontains(query.name, autoescape=True))
+    for tag in sorted(set(query.tags)):
+        # one join a tag, each an index lookup of (user, tag, job)
+        tagged = aliased(JobTag)
+        stmt = stmt.join(
+            tagged, (tagged.job_id == Job.id) & (tagged.user_id == user_id) & (tagged.tag == tag)
+        )
+    if query.sort == "created":
+        stmt = _after_created(stmt, after, query.descending)
+        order: tuple[Any, ...] = (Job.id.desc() if query.descending else Job.id.asc(),)
+    else:
+        stmt = _after_best(stmt, after, query.descending)
+        if query.descending:
+            order = (Job.best_value.desc().nulls_last(), Job.id.desc())
+        else:
+            order = (Job.best_value.asc().nulls_last(), Job.id.asc())
+    rows = list(session.execute(stmt.order_by(*order).limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], Position(last.id, last.best_value)
+
+
+def _after_created(stmt: Select[Any], after: Position | None, descending: bool) -> Select[Any]:
+    if after is None:
+        return stmt
+    return stmt.where(Job.id < after.id if descending else Job.id > after.id)
+
+
+def _after_best(stmt: Select[Any], after: Position | None, descending: bool) -> Select[Any]:
+    if after is None:
+        return stmt
+    later_id = Job.id < after.id if descending else Job.id > after.id
+    if after.best_value is None:  # already among the jobs without a value, which come last
+        return stmt.where(Job.best_value.is_(None), later_id)
+    value = after.best_value
+    later_value = Job.best_value < value if descending else Job.best_value > value
+    return stmt.where(
+        or_(later_value, and_(Job.best_value == value, later_id), Job.best_value.is_(None))
+    )
+
+
+@dataclass(frozen=True)
+class Project:
+    name: str
+    jobs: int
+    by_status: dict[str, int]
+
+
+def projects(session: Session, user_id: int) -> list[Project]:
+    """The user's projects by name, with their jobs counted by status."""
+    stmt = (
+        select(Job.project, Job.status, func.count())
+        .where(Job.user_id == user_id)
+        .group_by(Job.project, Job.status)
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for project, status, count in session.execute(stmt):
+        counts.setdefault(project, {})[status] = count
+    return [
+        Project(name, sum(by_status.values()), dict(sorted(by_status.items())))
+        for name, by_status in sorted(counts.items())
+    ]
+
+
+def edit(
+    session: Session,
+    user_id: int,
+    job_id: str,
+    *,
+    project: str | None = None,
+    tags: Sequence[str] | None = None,
+    note: str | None = None,
+) -> Job:
+    """Set a job's metadata (None: keep), in any state: it is not part of the run.
+
+    The stored spec document follows, so a spec read back from the job and
+    submitted again carries the metadata the job has now.
+    """
+    get(session, user_id, job_id)
+    job = lock(session, job_id)
+    changed: dict[str, Any] = {}
+    if project is not None and project != job.project:
+        job.project = changed["project"] = project
+    if tags is not None:
+        tags = list(dict.fromkeys(tags))
+        if tags != job.tags:
+            job.tags = changed["tags"] = tags
+            _set_tags(session, job, set(tags))
+    if note is not None and note != job.note:
+        job.note = changed["note"] = note
+    if changed:
+        job.spec = {**job.spec, **changed}  # a new dict: the JSON column sees the change
+        session.flush()
+    return job
+
+
+def _set_tags(session: Session, job: Job, tags: set[str]) -> None:
+    stored = set(session.execute(select(JobTag.tag).where(JobTag.job_id == job.id)).scalars())
+    if stored - tags:
+        session.execute(
+            delete(JobTag).where(JobTag.job_id == job.id, JobTag.tag.in_(sorted(stored - tags)))
+        )
+    session.add_all(
+        JobTag(job_id=job.id, tag=tag, user_id=job.user_id) for tag in sorted(tags - stored)
+    )
+
+
+def delete_finished(session: Session, user_id: int, job_id: str) -> None:
+    """Delete a finished job's rows (the caller removes its files after commit); a
+    queued or running job is a Conflict: cancel it first.
+
+    Its metric chunks, rollups, events (logs among them), checkpoints, attempts, tags
+    and dataset links go with it by ON DELETE CASCADE, in this one transaction.
+    """
+    get(session, user_id, job_id)
+    job = lock(session, job_id)
+    if job.status not in TERMINAL_STATUSES:
+        raise Conflict(
+            f"job {job_id!r} is {job.status}; cancel it first (POST /api/v1/jobs/{job_id}/cancel)"
+        )
+    session.execute(delete(Job).where(Job.id == job_id))
 
 
 def transition(session: Session, job_id: str, expected: str, **values: Any) -> bool:

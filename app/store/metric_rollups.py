@@ -23,10 +23,10 @@ import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import and_, literal_column, or_, select, text
+from sqlalchemy import Table, and_, literal_column, or_, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -35,7 +35,7 @@ from app.models import MetricRollup
 # Buckets of 64 steps ... 2**32 steps. Finer reads come from the raw points (at most
 # 32 steps a bucket: a few thousand points, unpacked from their chunks in a blink).
 LEVELS = tuple(range(6, 33, 2))
-ROLLUPS = MetricRollup.__table__
+ROLLUPS = cast(Table, MetricRollup.__table__)
 ROLES = ("first", "last", "low", "high")
 FIELDS = ("step", "epoch", "value", "time")
 COLUMNS = tuple(f"{role}_{field}" for role in ROLES for field in FIELDS)

@@ -7,17 +7,17 @@ import itertools
 import math
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import func, select, text, tuple_
+from sqlalchemy import Table, func, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from app.models import Job, MetricChunk
 from app.store import metric_rollups
 from app.store.metric_rollups import Point
 
-CHUNKS = MetricChunk.__table__
+CHUNKS = cast(Table, MetricChunk.__table__)
 
 
 def finite(value: float | None) -> float | None:
@@ -184,7 +184,7 @@ def chunk_points(
         found[key] = [
             {"name": name, "step": p[0], "epoch": p[1], "value": p[2], "time": p[3]}
             for p in chunks.get((name, first), [])
-            if lo is None or lo <= p[0] <= hi
+            if lo is None or hi is None or lo <= p[0] <= hi
         ]
     return found
 
@@ -258,7 +258,7 @@ def _advance_latest(job: Job, stored: Stored, tails: dict[str, list[int]]) -> No
     job.latest_metrics = latest
 
 
-def latest_values(job: Job) -> dict[str, float | None]:
+def latest_values(job: Any) -> dict[str, float | None]:
     return {name: seen["value"] for name, seen in sorted((job.latest_metrics or {}).items())}
 
 

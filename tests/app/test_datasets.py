@@ -112,3 +112,25 @@ def test_a_streamed_upload_without_length_is_cut_off_at_the_limit(make_server):
             assert response.status_code == 413, (size, response.text)
         assert client.get("/datasets").json() == []
     assert not list((small.settings.artifact_dir / "tmp").iterdir())
+
+
+def test_list_by_sha256_finds_only_the_users_own_copies_of_those_bytes(server, user):
+    data = npz_bytes(rows=33, seed=7)
+    digest = hashlib.sha256(data).hexdigest()
+    mine = upload(user, data, "mine.npz")
+    upload(user, npz_bytes(rows=34, seed=7), "other.npz")
+    with server.new_user() as stranger:
+        theirs = upload(stranger, data, "same-bytes.npz")
+        # another user's copy of the same bytes is never revealed, nor reused
+        assert [d["id"] for d in stranger.get("/datasets", params={"sha256": digest}).json()] == [
+            theirs["id"]
+        ]
+    found = user.get("/datasets", params={"sha256": digest.upper()}).json()
+    assert [d["id"] for d in found] == [mine["id"]]
+    assert user.get("/datasets", params={"sha256": "0" * 64}).json() == []
+
+
+def test_list_by_a_malformed_sha256_is_422_naming_the_parameter(user):
+    response = user.get("/datasets", params={"sha256": "not-a-digest"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["path"] == "query.sha256"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import time
+from pathlib import Path
 
 import pytest
 
@@ -51,10 +51,13 @@ def test_best_weights_export_as_pt2_once_and_then_come_from_the_cache(sqlite_ser
         program = torch.export.load(str(path))
         assert program.module()(torch.randn(5, 4)).shape == (5, 3)
 
-        started = time.perf_counter()
+        # served from the cache, not exported again: the cached file is untouched
+        (cached,) = Path(sqlite_server.settings.artifact_dir).rglob("*.pt2")
+        before = cached.stat()
         again = user.get(best, params={"format": "pt2"})
         assert again.content == first.content
-        assert time.perf_counter() - started < 1.0  # served from the cache, not exported again
+        after = cached.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
         assert (
             user.get(
                 best, params={"format": "pt2"}, headers={"If-None-Match": again.headers["etag"]}
@@ -80,3 +83,38 @@ def test_training_state_and_bad_weights_do_not_export(sqlite_server):
             )
             assert response.status_code == 422, response.text
             assert isinstance(response.json()["detail"], str)
+
+
+def test_an_export_counts_in_disk_bytes_and_goes_with_its_checkpoint(sqlite_server):
+    from safetensors.torch import load, save
+
+    with sqlite_server.new_user() as user:
+        dataset = upload(user)
+        spec = job_spec(dataset["id"])
+        job = submit(user, spec)
+        attempt = claim(sqlite_server, job["id"])
+        tensors = load(trained_weights(spec))
+        folder = sqlite_server.settings.artifact_dir / "jobs" / job["id"] / "checkpoints"
+
+        def put_best(epoch: int, value: float) -> bytes:
+            body = save(tensors, metadata={"epoch": str(epoch)})  # other bytes each epoch
+            headers = {
+                "X-Sha256": hashlib.sha256(body).hexdigest(),
+                "X-Monitor": "val_loss",
+                "X-Value": str(value),
+            }
+            url = f"/worker/jobs/{job['id']}/checkpoints/best/{epoch}"
+            assert attempt.client.put(url, content=body, headers=headers).status_code == 201
+            return body
+
+        first = put_best(0, 0.5)
+        best = f"/jobs/{job['id']}/checkpoints/best"
+        exported = user.get(best, params={"format": "pt2"})
+        assert exported.status_code == 200, exported.text
+        assert {p.suffix for p in folder.iterdir()} == {".safetensors", ".pt2"}
+        shown = user.get(f"/jobs/{job['id']}").json()
+        assert shown["disk_bytes"] == len(first) + len(exported.content)
+
+        second = put_best(1, 0.4)  # a better epoch: the first and its export go
+        assert [p.read_bytes() for p in folder.iterdir()] == [second]
+        assert user.get(f"/jobs/{job['id']}").json()["disk_bytes"] == len(second)

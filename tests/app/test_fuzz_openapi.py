@@ -8,8 +8,6 @@ is not a JSON body, so only the 5xx check applies to it.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -54,7 +52,6 @@ def test_no_operation_answers_5xx_and_every_answer_matches_the_schema(server, us
     headers = {"Authorization": f"Bearer {token}"}
     ops = operations(server)
     assert len(ops) >= 15, [op.label for op in ops]
-    started = time.monotonic()
     failures: dict[str, str] = {}
     for operation in ops:
         try:
@@ -62,7 +59,6 @@ def test_no_operation_answers_5xx_and_every_answer_matches_the_schema(server, us
         except Exception as exc:  # every operation's failure, reported together
             failures[operation.label] = str(exc)[:2000]
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
-    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize("path", ["/api/v1/jobs", "/api/v1/datasets"])

@@ -142,6 +142,7 @@ def test_traversal_in_worker_path_parameters_is_a_4xx_and_writes_nothing_outside
             assert b"root:" not in body
     weights = b"weights"
     sha = hashlib.sha256(weights).hexdigest()
+    statuses: dict[tuple[str, str], int] = {}
     for kind, epoch in (("..%2f..%2f..%2fevil", "0"), ("best", "..%2f..%2fevil"), ("best", "-1")):
         host = server.url.removeprefix("http://")
         connection = http.client.HTTPConnection(host, timeout=10)
@@ -152,9 +153,15 @@ def test_traversal_in_worker_path_parameters_is_a_4xx_and_writes_nothing_outside
             headers={"Authorization": f"Bearer {token}", "X-Sha256": sha},
         )
         response = connection.getresponse()
-        assert response.status in (404, 422), (kind, epoch, response.status)
+        statuses[(kind, epoch)] = response.status
         response.read()
         connection.close()
+    # an encoded "/" is a path separator to the router (no route: 404); -1 is no epoch
+    assert statuses == {
+        ("..%2f..%2f..%2fevil", "0"): 404,
+        ("best", "..%2f..%2fevil"): 404,
+        ("best", "-1"): 422,
+    }
     # a well-formed upload lands inside the root, under a name made from the job, epoch and sha
     response = attempt.client.put(
         f"/worker/jobs/{job}/checkpoints/best/0", content=weights, headers={"X-Sha256": sha}
@@ -277,7 +284,8 @@ def test_values_the_database_cannot_store_are_422_not_500(server, user, queued_j
             assert response.status_code == 422, response.text
             assert response.json()["detail"].startswith("a value in the request cannot be stored: ")
         else:
-            assert response.status_code in (200, 204), response.text
+            assert response.status_code == {"metrics": 200, "logs": 204}[what], response.text
     response = user.get(f"/jobs/{queued_job['id']}/metrics", params={"names": "a\x00b"})
-    assert response.status_code in (200, 422)
+    postgres = "postgresql" in server.settings.database_url
+    assert response.status_code == (422 if postgres else 200), response.text
     assert user.get(f"/jobs/{queued_job['id']}").json()["status"] == "running"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 import zipfile
 from pathlib import Path
 
@@ -110,11 +109,9 @@ def test_a_zip_bomb_is_refused_from_its_index_before_it_is_inflated(server, user
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bomb:
         bomb.writestr("y.npy", header.getvalue() + bytes(64))
-    started = time.monotonic()
     assert refused(user, "bomb.npz", archive.getvalue()) == (
         "bomb.npz: arrays hold 8,796,093,022,208 bytes, over the limit of 8,589,934,592 bytes"
     )
-    assert time.monotonic() - started < 2
     assert_nothing_stored(user, server)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from tests.app.conftest import job_spec, submit, upload
 
 
@@ -87,7 +91,7 @@ def test_list_pages_newest_first_with_an_opaque_cursor(server, user, dataset):
         if cursor is None:
             break
     assert seen == ids[::-1]
-    assert user.get("/jobs", params={"cursor": "%%%"}).status_code in (400, 422)
+    assert user.get("/jobs", params={"cursor": "%%%"}).status_code == 422
 
 
 def test_list_filters_by_status(user, dataset):
@@ -129,3 +133,36 @@ def test_validation_dataset_fields_are_checked_too(user, dataset):
     )
     assert response.status_code == 422
     assert response.json()["detail"][0]["path"] == "data.validation"
+
+
+def test_dataset_sources_are_kept_beside_the_spec_and_shown(user, dataset):
+    sources = {"data.train": "/home/ana/données/train.npz"}
+    header = {"X-Dataset-Sources": json.dumps(sources)}  # ASCII: é travels as \u00e9
+    response = user.post("/jobs", json=job_spec(dataset["id"]), headers=header)
+    assert response.status_code == 201, response.text
+    job = user.get(f"/jobs/{response.json()['id']}").json()
+    assert job["dataset_sources"] == sources
+    assert job["spec"]["data"]["train"] == dataset["id"]  # the spec stays the engine's spec
+    assert "sources" not in json.dumps(job["spec"])
+    plain = submit(user, job_spec(dataset["id"]))
+    assert user.get(f"/jobs/{plain['id']}").json()["dataset_sources"] == {}
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("not json", "not JSON"),
+        ('["a.npz"]', "expected a JSON object"),
+        ('{"data.validation": "v.npz"}', "'data.validation' names no dataset of this spec"),
+        ('{"data.train": 7}', "data.train: expected a path of 1 to 1024 characters"),
+        ('{"data.train": ""}', "data.train: expected a path of 1 to 1024 characters"),
+    ],
+)
+def test_bad_dataset_sources_are_422_naming_the_header(user, dataset, header, expected):
+    response = user.post(
+        "/jobs", json=job_spec(dataset["id"]), headers={"X-Dataset-Sources": header}
+    )
+    assert response.status_code == 422, response.text
+    [issue] = response.json()["detail"]
+    assert issue["path"] == "header.X-Dataset-Sources"
+    assert issue["message"].startswith(expected), issue

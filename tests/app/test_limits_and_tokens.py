@@ -178,3 +178,17 @@ def test_no_pickle_reads_user_bytes_anywhere():
         assert "import pickle" not in text and "pickle.load" not in text, path
         assert "allow_pickle=True" not in text, path
         assert "weights_only=False" not in text, path
+
+
+def test_a_data_parallel_job_is_refused_until_workers_start_ranks(make_server):
+    server = make_server()
+    with server.new_user() as client:
+        dataset = upload(client)
+        response = client.post(
+            "/jobs", json=job_spec(dataset["id"], resources={"processes": 2, "nodes": 1})
+        )
+        assert response.status_code == 422
+        [issue] = response.json()["detail"]
+        assert issue["path"] == "resources"
+        assert "2 ranks" in issue["message"] and "torchyard train" in issue["message"]
+        assert client.get("/jobs").json()["jobs"] == []

@@ -27,8 +27,8 @@ import httpx
 import pytest
 import torch
 
-from app.client import ApiClient
 from tests.test_service_e2e import free_port, require, short_digits_spec, wait_for
+from torchyard import Client
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -306,8 +306,8 @@ class Stack:
 
     # -- looking in
 
-    def client(self) -> ApiClient:
-        return ApiClient(self.url, self.token)
+    def client(self) -> Client:
+        return Client(self.url, self.token)
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(
@@ -389,9 +389,9 @@ def spec_for(train_id: str, val_id: str, *, epochs: int, **training: Any) -> dic
     return spec
 
 
-def wait_status(client: ApiClient, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+def wait_status(client: Client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
     return wait_for(
-        lambda: (job := client.job(job_id))["status"] in statuses and job,
+        lambda: (job := client.job(job_id).info)["status"] in statuses and job,
         timeout=timeout,
         every=0.3,
     )
@@ -402,9 +402,9 @@ def checkpoints_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     return response.json() if response.status_code == 200 else []
 
 
-def series_of(client: ApiClient, job_id: str) -> dict[tuple[str, int], float | None]:
+def series_of(client: Client, job_id: str) -> dict[tuple[str, int], float | None]:
     """Every stored point keyed by (name, step), checking no key is stored twice."""
-    history = client.metrics(job_id)
+    history = client.job(job_id).metrics()
     points: dict[tuple[str, int], float | None] = {}
     for name, series in history.items():
         steps = [p["step"] for p in series]

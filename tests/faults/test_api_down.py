@@ -43,7 +43,7 @@ def test_training_goes_on_while_the_api_is_down_and_nothing_is_lost(
     # a point per step: the outage leaves far more than 100 points to buffer
     spec = spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=1)
     stack.wait_workers_listening()
-    job = client.submit(spec)
+    job = client.submit(spec).info
     run_dir = wait_for(lambda: list(stack.folder.glob("work-w0/jobs/*/attempt-1")), timeout=120)[0]
     wait_for(lambda: any(c["kind"] == "last" for c in checkpoints_of(stack, job["id"])), 120)
 

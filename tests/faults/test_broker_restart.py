@@ -22,10 +22,10 @@ def test_no_job_is_lost_or_run_twice_when_redis_restarts(
     train_id, val_id = upload_digits(client, examples_dir)
     spec = spec_for(train_id, val_id, epochs=3)
     stack.wait_workers_listening()
-    ids = [client.submit(spec)["id"] for _ in range(3)]
+    ids = [client.submit(spec).id for _ in range(3)]
 
     def two_running() -> list[str] | None:
-        statuses = {i: client.job(i)["status"] for i in ids}
+        statuses = {i: client.job(i).status for i in ids}
         waiting = [i for i, s in statuses.items() if s == "queued"]
         running = [i for i, s in statuses.items() if s == "running"]
         return waiting if len(running) == 2 and len(waiting) == 1 else None

@@ -19,7 +19,7 @@ def test_requests_fail_503_while_the_database_is_down_and_work_again_after(
     client = stack.client()
     train_id, val_id = upload_digits(client, examples_dir)
     spec = spec_for(train_id, val_id, epochs=1)
-    job = client.submit(spec)
+    job = client.submit(spec).info
     # GET /jobs/{id} reads on the event loop's own connections (app.async_reads): one
     # is pooled now, and the crash must turn it into a 503, then a fresh connection
     assert stack.get(f"/jobs/{job['id']}").status_code == 200
@@ -40,6 +40,6 @@ def test_requests_fail_503_while_the_database_is_down_and_work_again_after(
     private_postgres.start()
     wait_for(lambda: stack.get("/jobs").status_code == 200, timeout=60)
     assert stack.api.poll() is None and stack.api.pid == api_pid  # the same API process
-    assert client.job(job["id"])["status"] == "queued"  # what was committed is still there
-    assert client.submit(spec)["status"] == "queued"  # and writes work again
+    assert client.job(job["id"]).status == "queued"  # what was committed is still there
+    assert client.submit(spec).status == "queued"  # and writes work again
     assert httpx.get(f"{stack.url}/readyz", timeout=10).status_code == 200

@@ -26,7 +26,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.client import ApiClient
 from tests.faults.conftest import (
     FAST_RECOVERY,
     ROOT,
@@ -41,6 +40,7 @@ from tests.faults.conftest import (
     without_timing,
 )
 from tests.test_service_e2e import free_port, upload_digits, wait_for
+from torchyard import Client
 
 EPOCHS = 12
 STOP_WITHIN_S = 5.0
@@ -147,11 +147,11 @@ def newest_state(home: Path, job_id: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ jobs
 
 
-def wait_mid_training(get_checkpoints: Any, client: ApiClient, job_id: str) -> None:
+def wait_mid_training(get_checkpoints: Any, client: Client, job_id: str) -> None:
     """Until the API holds a `last` checkpoint and the job is still running: mid-run."""
 
     def training_on() -> bool:
-        if client.job(job_id)["status"] in ("succeeded", "failed", "cancelled"):
+        if client.job(job_id).status in ("succeeded", "failed", "cancelled"):
             raise AssertionError("the job ended before it could be stopped")
         return any(c["kind"] == "last" for c in get_checkpoints())
 
@@ -159,7 +159,7 @@ def wait_mid_training(get_checkpoints: Any, client: ApiClient, job_id: str) -> N
 
 
 def assert_matches_uninterrupted_run(
-    client: ApiClient, job_id: str, spec: dict, examples_dir: Path, tmp_path: Path, get: Any
+    client: Client, job_id: str, spec: dict, examples_dir: Path, tmp_path: Path, get: Any
 ) -> None:
     reference = reference_run(spec, examples_dir, tmp_path / "reference")
     points = series_of(client, job_id)  # exactly one point per (name, step)
@@ -169,7 +169,7 @@ def assert_matches_uninterrupted_run(
     (tmp_path / "last.pt").write_bytes(last.content)
     state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert_same_tensors(state["model"], reference.last_model)
-    best = client.download(job_id, tmp_path / "best.safetensors")
+    best = client.job(job_id).download(tmp_path / "best.safetensors")
     assert_same_tensors(load_file(str(best)), reference.best_model)
 
 
@@ -210,8 +210,8 @@ class Serve:
 
         wait_for(ready, timeout=180, every=0.2)
 
-    def client(self) -> ApiClient:
-        return ApiClient(self.url, self.token)
+    def client(self) -> Client:
+        return Client(self.url, self.token)
 
     def get(self, path: str) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -249,7 +249,7 @@ def test_ctrl_c_of_serve_mid_job_leaves_no_process_and_the_next_serve_finishes_t
     # Streamed through DataLoader workers: grandchildren of the worker, gone all the same.
     spec = spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5)
     spec["data"].update(in_memory="never", num_workers=2)
-    job_id = client.submit(spec)["id"]
+    job_id = client.submit(spec).id
     wait_mid_training(lambda: checkpoints_of(first, job_id), client, job_id)
 
     assert first.proc is not None
@@ -302,7 +302,7 @@ def test_a_sigtermed_worker_hands_its_job_back_and_the_next_worker_finishes_it(
     train_id, val_id = upload_digits(client, examples_dir)
     spec = spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5)
     stack.wait_workers_listening()
-    job_id = client.submit(spec)["id"]
+    job_id = client.submit(spec).id
     wait_mid_training(lambda: checkpoints_of(stack, job_id), client, job_id)
 
     worker = stack.workers["w0"]
@@ -333,7 +333,7 @@ def test_a_sigkilled_worker_leaves_no_orphan_and_the_next_worker_finishes_its_jo
     client = stack.client()
     train_id, val_id = upload_digits(client, examples_dir)
     stack.wait_workers_listening()
-    job_id = client.submit(spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5))["id"]
+    job_id = client.submit(spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5)).id
     wait_mid_training(lambda: checkpoints_of(stack, job_id), client, job_id)
 
     worker = stack.workers["w0"]

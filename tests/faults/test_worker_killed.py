@@ -66,7 +66,7 @@ def test_resume_after_worker_killed_matches_uninterrupted_run(
     train_id, val_id = upload_digits(client, examples_dir)
     spec = spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5)
     stack.wait_workers_listening()
-    job = client.submit(spec)
+    job = client.submit(spec).info
 
     victim = _running_worker(stack, job["id"])
     _training_after_a_checkpoint(stack, victim, job["id"])
@@ -90,7 +90,7 @@ def test_resume_after_worker_killed_matches_uninterrupted_run(
     files = assert_downloads_match_listing(stack, job["id"], tmp_path)
     state = torch.load(files[f"last-{EPOCHS - 1}"], map_location="cpu", weights_only=True)
     assert_same_tensors(state["model"], reference.last_model)
-    best = client.download(job["id"], tmp_path / "best.safetensors")
+    best = client.job(job["id"]).download(tmp_path / "best.safetensors")
     assert_same_tensors(load_file(str(best)), reference.best_model)
 
 
@@ -106,7 +106,7 @@ def test_a_worker_back_from_the_dead_is_stale_and_stops(
     client = stack.client()
     train_id, val_id = upload_digits(client, examples_dir)
     stack.wait_workers_listening()
-    job = client.submit(spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5))
+    job = client.submit(spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5)).info
 
     sleeper = _running_worker(stack, job["id"])
     _training_after_a_checkpoint(stack, sleeper, job["id"])

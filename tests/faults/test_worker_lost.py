@@ -25,7 +25,7 @@ def test_a_job_that_loses_every_worker_ends_failed_worker_lost(
     spec = spec_for(train_id, val_id, epochs=200)  # far longer than the test
     spec["max_restarts"] = 1
     stack.wait_workers_listening()
-    job = client.submit(spec)
+    job = client.submit(spec).info
 
     for n in (1, 2):  # kill -9 whichever worker runs attempt n, with its training child
         rows = wait_for(lambda n=n: len(rows := stack.attempts(job["id"])) == n and rows, 120)
@@ -38,4 +38,4 @@ def test_a_job_that_loses_every_worker_ends_failed_worker_lost(
     assert final["error"].startswith("worker lost"), final["error"]
     assert "attempt 2 of 2" in final["error"]
     assert [outcome for _, _, outcome in stack.attempts(job["id"])] == ["lost", "lost"]
-    assert client.jobs(status="running")["jobs"] == []  # nothing stays running
+    assert list(client.jobs(status="running")) == []  # nothing stays running

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.client import ApiClient
 from tests.test_service_e2e import ROOT, Service, free_port, spawn
+from torchyard import Client
 
 SCREENSHOTS = os.environ.get("TORCHYARD_SCREENSHOTS")  # a folder: save a picture of each page
 
@@ -91,16 +91,16 @@ def new_user_token(service: Service, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(service: Service) -> Iterator[ApiClient]:
+def api(service: Service) -> Iterator[Client]:
     client = service.client()
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
-def digits(api: ApiClient, examples_dir: Path) -> tuple[str, str]:
-    train = api.upload(examples_dir / "data" / "digits_train.npz")
-    val = api.upload(examples_dir / "data" / "digits_val.npz")
+def digits(api: Client, examples_dir: Path) -> tuple[str, str]:
+    train = api.datasets.upload(examples_dir / "data" / "digits_train.npz")
+    val = api.datasets.upload(examples_dir / "data" / "digits_val.npz")
     return train["id"], val["id"]
 
 

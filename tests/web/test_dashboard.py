@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from app.client import ApiClient
 from tests.test_service_e2e import Service
 from tests.web.conftest import digits_spec, http, new_user_token, shoot, sign_in, wait_until
+from torchyard import Client
 
 HOSTILE_NAME = '<script>alert("name")</script><img src=x onerror=alert("img")>'
 HOSTILE_LINE = '<img src=x onerror=alert("log")> <script>alert("log")</script>'
@@ -44,11 +44,11 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_the_session(pag
 
 
 def test_a_job_trained_by_a_real_worker_is_watched_live_until_it_ends(
-    page, service: Service, api: ApiClient, digits
+    page, service: Service, api: Client, digits
 ):
     job = api.submit(digits_spec(*digits, epochs=6, name="watched"))
     sign_in(page, service.token)
-    page.goto(f"/#/jobs/{job['id']}")
+    page.goto(f"/#/jobs/{job.id}")
     page.wait_for_selector("#charts")
     # the first reading of the step-level chart, once it exists, then growth without a reload
     wait_until(lambda: page.query_selector('.chart[data-metric="loss_step"]'), timeout=120)
@@ -59,8 +59,8 @@ def test_a_job_trained_by_a_real_worker_is_watched_live_until_it_ends(
     assert (
         page.evaluate("() => performance.getEntriesByType('navigation').length") == 1
     )  # no reload
-    final = api.job(job["id"])
-    history = api.metrics(job["id"])
+    final = api.job(job.id).info
+    history = api.job(job.id).metrics()
     # every step-level point reported is on the chart (live points joined the history)
     wait_until(lambda: chart_points(page, "loss_step") == len(history["loss_step"]), timeout=10)
     statuses = page.inner_text("#status-history")
@@ -71,23 +71,23 @@ def test_a_job_trained_by_a_real_worker_is_watched_live_until_it_ends(
     shoot(page, "job")
 
 
-def test_cancel_from_the_page(page, service: Service, api: ApiClient, digits):
+def test_cancel_from_the_page(page, service: Service, api: Client, digits):
     job = api.submit(digits_spec(*digits, epochs=500, name="to cancel"))
     sign_in(page, service.token)
-    page.goto(f"/#/jobs/{job['id']}")
+    page.goto(f"/#/jobs/{job.id}")
     page.wait_for_selector("#job-status .status-running", timeout=120_000)
     page.click("#cancel")
     page.wait_for_selector("#job-status .status-cancelled", timeout=120_000)
-    assert api.job(job["id"])["status"] == "cancelled"
+    assert api.job(job.id).status == "cancelled"
 
 
 def test_a_checkpoint_downloaded_from_the_page_matches_the_api(
-    page, service: Service, api: ApiClient, digits, tmp_path: Path
+    page, service: Service, api: Client, digits, tmp_path: Path
 ):
     job = api.submit(digits_spec(*digits, epochs=1, name="downloads"))
-    wait_until(lambda: api.job(job["id"])["status"] == "succeeded", timeout=180)
+    wait_until(lambda: api.job(job.id).status == "succeeded", timeout=180)
     sign_in(page, service.token)
-    page.goto(f"/#/jobs/{job['id']}")
+    page.goto(f"/#/jobs/{job.id}")
     # locators, not element handles: the table is drawn again as checkpoint events arrive
     row = page.locator("#checkpoints tr[data-checkpoint]").first
     checkpoint_id = row.get_attribute("data-checkpoint")
@@ -97,7 +97,7 @@ def test_a_checkpoint_downloaded_from_the_page_matches_the_api(
     info.value.save_as(saved)
     with http(service) as client:
         expected = client.get(
-            f"/api/v1/jobs/{job['id']}/checkpoints/{checkpoint_id}",
+            f"/api/v1/jobs/{job.id}/checkpoints/{checkpoint_id}",
             headers={"Authorization": f"Bearer {service.token}"},
         ).content
     assert hashlib.sha256(saved.read_bytes()).hexdigest() == hashlib.sha256(expected).hexdigest()
@@ -121,7 +121,7 @@ def test_a_bad_spec_shows_its_error_at_its_json_path(page, service: Service, dig
 
 
 def test_markup_in_names_log_lines_and_metric_names_is_shown_as_text(
-    page, service: Service, api: ApiClient, digits
+    page, service: Service, api: Client, digits
 ):
     # a cuda job waits on the gpu queue, which this CPU service's workers do not take:
     # the test claims it as a worker and reports what a hostile run could
@@ -131,26 +131,26 @@ def test_markup_in_names_log_lines_and_metric_names_is_shown_as_text(
     worker_token = (Path(service.env["TORCHYARD_HOME"]) / "worker_token").read_text().strip()
     base = f"{service.url}/api/v1"
     claim = httpx.post(
-        f"{base}/worker/jobs/{job['id']}/claim",
+        f"{base}/worker/jobs/{job.id}/claim",
         json={"worker": "test:1"},
         headers={"Authorization": f"Bearer {worker_token}"},
     )
     assert claim.status_code == 200, claim.text
     attempt = {"Authorization": f"Bearer {claim.json()['token']}"}
     logs = httpx.post(
-        f"{base}/worker/jobs/{job['id']}/logs", json={"lines": [HOSTILE_LINE]}, headers=attempt
+        f"{base}/worker/jobs/{job.id}/logs", json={"lines": [HOSTILE_LINE]}, headers=attempt
     )
     assert logs.status_code == 204, logs.text
     point = {"name": HOSTILE_METRIC, "step": 1, "epoch": 0, "value": 1.0, "time": 1.0}
     metrics = httpx.post(
-        f"{base}/worker/jobs/{job['id']}/metrics", json={"points": [point]}, headers=attempt
+        f"{base}/worker/jobs/{job.id}/metrics", json={"points": [point]}, headers=attempt
     )
     assert metrics.status_code == 200, metrics.text
 
     sign_in(page, service.token)
-    row = page.wait_for_selector(f'tr[data-job="{job["id"]}"] .job-name')
+    row = page.wait_for_selector(f'tr[data-job="{job.id}"] .job-name')
     assert row.inner_text() == HOSTILE_NAME
-    page.goto(f"/#/jobs/{job['id']}")
+    page.goto(f"/#/jobs/{job.id}")
     page.wait_for_selector("#log")
     wait_until(lambda: HOSTILE_LINE in page.inner_text("#log"), timeout=30)
     assert page.inner_text("#job-name") == HOSTILE_NAME
@@ -163,25 +163,25 @@ def test_markup_in_names_log_lines_and_metric_names_is_shown_as_text(
 def test_another_users_job_is_not_reachable_by_url(page, service: Service, api, digits):
     job = api.submit(digits_spec(*digits, epochs=1, name="private"))
     sign_in(page, new_user_token(service, "mallory"))
-    assert page.query_selector(f'tr[data-job="{job["id"]}"]') is None
-    page.goto(f"/#/jobs/{job['id']}")
+    assert page.query_selector(f'tr[data-job="{job.id}"]') is None
+    page.goto(f"/#/jobs/{job.id}")
     assert "no job" in page.inner_text("#not-found")
     answer = page.evaluate(
-        "async (id) => (await fetch(`/api/v1/jobs/${id}/events`)).status", job["id"]
+        "async (id) => (await fetch(`/api/v1/jobs/${id}/events`)).status", job.id
     )
     assert answer == 404
 
 
 def test_compare_overlays_a_metric_and_lists_the_spec_paths_that_differ(
-    page, service: Service, api: ApiClient, digits
+    page, service: Service, api: Client, digits
 ):
     one = api.submit(digits_spec(*digits, epochs=1, name="compare-a"))
     two = api.submit(digits_spec(*digits, epochs=2, name="compare-b"))
     for job in (one, two):
-        wait_until(lambda job=job: api.job(job["id"])["status"] == "succeeded", timeout=180)
+        wait_until(lambda job=job: api.job(job.id).status == "succeeded", timeout=180)
     sign_in(page, service.token)
     for job in (one, two):
-        page.check(f'tr[data-job="{job["id"]}"] input[type=checkbox]')
+        page.check(f'tr[data-job="{job.id}"] input[type=checkbox]')
     shoot(page, "jobs")
     page.click("#compare")
     page.wait_for_selector("#spec-diff")

@@ -1,7 +1,8 @@
 """Arrays -> batches on the training device: in memory by index, or streamed.
 
 The data order of an epoch is a pure function of (seed, epoch), so a resumed run
-sees the same batches with no saved sampler state.
+sees the same batches with no saved sampler state. In a data-parallel run every
+rank computes the same order and takes its own share of each (global) batch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from worker.engine.data import ArrayData
+from worker.engine.distributed import Ranks, shard
 from worker.engine.errors import DataError
 from worker.engine.spec import DataSpec
 
@@ -28,7 +30,7 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
 
 
 class Batches(Protocol):
-    num_samples: int  # rows seen per epoch (drop_last leaves some out)
+    num_samples: int  # rows seen per epoch by all ranks (drop_last leaves some out)
 
     def __len__(self) -> int: ...  # batches per epoch
 
@@ -39,26 +41,38 @@ class Batches(Protocol):
 
 @dataclass
 class _Plan:
-    """Which rows each batch of an epoch takes; shared so both kinds batch identically."""
+    """Which rows each batch of an epoch takes; shared so both kinds batch identically.
+
+    `batch_size` is the global batch; this rank takes its `shard` of each. Training
+    (`every_rank`) needs rows on every rank for every batch, as each rank steps the
+    optimizer together: a last batch with fewer rows than ranks is left out. Validation
+    keeps it, and a rank with no rows of it skips it."""
 
     num_rows: int
     batch_size: int
     shuffle: bool
     drop_last: bool
     seed: int
+    ranks: Ranks = field(default_factory=Ranks)
+    every_rank: bool = True
     num_samples: int = field(init=False)
 
     def __post_init__(self) -> None:
-        full = self.num_rows - self.num_rows % self.batch_size
-        self.num_samples = full if self.drop_last else self.num_rows
+        short = self.num_rows % self.batch_size
+        too_short = self.every_rank and short < self.ranks.world_size
+        self.num_samples = self.num_rows - (short if self.drop_last or too_short else 0)
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
     def bounds(self, first: int = 0) -> Iterator[tuple[int, int]]:
-        """Row ranges of the batches from batch `first` on (a resumed epoch skips the rest)."""
+        """This rank's row ranges of the batches from batch `first` on (a resumed epoch
+        skips the rest); empty shares are skipped."""
+        rank, world = self.ranks.rank, self.ranks.world_size
         for start in range(first * self.batch_size, self.num_samples, self.batch_size):
-            yield start, min(start + self.batch_size, self.num_samples)
+            lo, hi = shard(start, min(start + self.batch_size, self.num_samples), rank, world)
+            if hi > lo:
+                yield lo, hi
 
 
 class InMemoryBatches:
@@ -73,9 +87,13 @@ class InMemoryBatches:
         drop_last: bool,
         device: torch.device,
         seed: int,
+        ranks: Ranks | None = None,
+        every_rank: bool = True,
     ):
         self.device = torch.device(device)
-        self.plan = _Plan(len(data), batch_size, shuffle, drop_last, seed)
+        self.plan = _Plan(
+            len(data), batch_size, shuffle, drop_last, seed, ranks or Ranks(), every_rank
+        )
         self.num_samples = self.plan.num_samples
         try:
             self.inputs = {k: torch.from_numpy(v).to(self.device) for k, v in data.inputs.items()}
@@ -190,9 +208,13 @@ class StreamingBatches:
         device: torch.device,
         seed: int,
         num_workers: int = 0,
+        ranks: Ranks | None = None,
+        every_rank: bool = True,
     ):
         self.device = torch.device(device)
-        self.plan = _Plan(len(data), batch_size, shuffle, drop_last, seed)
+        self.plan = _Plan(
+            len(data), batch_size, shuffle, drop_last, seed, ranks or Ranks(), every_rank
+        )
         self.num_samples = self.plan.num_samples
         self.sampler = _EpochSampler(self.plan)
         self.pinned = self.device.type == "cuda"
@@ -231,8 +253,10 @@ def make_batches(
     seed: int,
     train: bool,
     memory_budget_bytes: int | None = None,
+    ranks: Ranks | None = None,
 ) -> Batches:
-    """Batches for one split. Validation (train=False) never shuffles and never drops rows."""
+    """Batches for one split, this rank's shares of them. Validation (train=False) never
+    shuffles and never drops rows."""
     device = torch.device(device)
     options: dict[str, Any] = {
         "batch_size": spec.batch_size,
@@ -240,6 +264,8 @@ def make_batches(
         "drop_last": train and spec.drop_last,
         "device": device,
         "seed": seed,
+        "ranks": ranks,
+        "every_rank": train,
     }
     if hold_in_memory(spec.in_memory, data.nbytes, device, memory_budget_bytes):
         return InMemoryBatches(data, **options)

@@ -48,6 +48,11 @@ _RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
 _PLAIN_INITS = frozenset({"default", "zeros", "ones", "normal", "uniform"})
 
 
+def per_sample(shape: tuple[int | None, ...]) -> tuple[int, ...]:
+    """A summary shape without its batch dimension (the leading None)."""
+    return tuple(d for d in shape[1:] if d is not None)
+
+
 # ------------------------------------------------------------------- results
 
 
@@ -96,14 +101,14 @@ class ModelSummary:
             table.add_column(title)
         table.add_column("Params", justify="right")
         for name, shape in self.input_shapes.items():
-            table.add_row(name, "input", "", show_shape(shape[1:]), "0")
+            table.add_row(name, "input", "", show_shape(per_sample(shape)), "0")
         for row in self.rows:
             kind = f"{row.type} (shares {row.shared_with})" if row.shared_with else row.type
             table.add_row(
                 row.name,
                 kind,
                 ", ".join(row.inputs),
-                show_shape(row.output_shape[1:]),
+                show_shape(per_sample(row.output_shape)),
                 f"{row.params:,}",
             )
         return table
@@ -820,12 +825,13 @@ class _Builder:
                     node.owner.name if shared else None,
                 )
             )
-        trainable = sum(
+        sizes = [
             p.numel()
             for made in self.made.values()
             for p in self.prototypes[made.key].parameters()  # type: ignore[union-attr]
             if p.requires_grad
-        )
+        ]
+        trainable = sum(sizes)
         input_shapes = {name: (None, *self.fields[name].shape) for name in self.input_names}
         return ModelSummary(rows, total, trainable, input_shapes)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -265,7 +266,8 @@ class ModelCheckpoint(Callback):
 
     The weights saved are exactly those evaluated for that epoch's metrics, so
     evaluating `best.safetensors` on the validation data gives back the best value.
-    With save_top_k > 1 the k best epochs are kept as `epoch_<n>.safetensors` too.
+    With save_top_k > 1 the k best epochs are kept as `epoch_<n>.safetensors` too,
+    and `best.safetensors` is a byte copy of its epoch's file.
     """
 
     name = "checkpoint"
@@ -304,18 +306,25 @@ class ModelCheckpoint(Callback):
             self.state.kept, value, epoch, k=self.save_top_k, mode=self.mode
         )
         self.state.kept = kept
+        saved: Path | None = None
         if self.save_top_k > 1:
             for old in evicted:
                 (self.run_dir / f"epoch_{old}.safetensors").unlink(missing_ok=True)
             if save:
-                path = self.run_dir / f"epoch_{epoch}.safetensors"
-                save_weights(trainer.model, path, trainer.weights_metadata(epoch))
+                saved = self.run_dir / f"epoch_{epoch}.safetensors"
+                save_weights(trainer.model, saved, trainer.weights_metadata(epoch))
                 trainer.reporter.log_checkpoint(
-                    CheckpointInfo("top_k", epoch, trainer.step, path, self.monitor, value)
+                    CheckpointInfo("top_k", epoch, trainer.step, saved, self.monitor, value)
                 )
         if is_improvement(value, self.state.best, self.mode):
             self.state.best, self.state.best_epoch = value, epoch
-            save_weights(trainer.model, self.best_path, trainer.weights_metadata(epoch))
+            if saved is not None:
+                # The same weights, byte for byte: safetensors writes its metadata in
+                # a random order, and the service stores files of equal sha256 once.
+                with atomic_path(self.best_path) as tmp:
+                    shutil.copyfile(saved, tmp)
+            else:
+                save_weights(trainer.model, self.best_path, trainer.weights_metadata(epoch))
             trainer.reporter.log_checkpoint(
                 CheckpointInfo("best", epoch, trainer.step, self.best_path, self.monitor, value)
             )

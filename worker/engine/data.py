@@ -105,6 +105,10 @@ class ScanBounds:
     max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
 
 
+# The zip end records' layout: zipfile's own (undocumented) constants.
+_ZIP_LAYOUT: Any = zipfile
+
+
 def describe(
     path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, bounds: ScanBounds | None = None
 ) -> DatasetInfo:
@@ -674,32 +678,34 @@ def _check_zip_index(path: Path, max_members: int) -> None:
     record claims, so the size is capped too.
     """
     size = path.stat().st_size
-    tail_at = max(0, size - zipfile.sizeEndCentDir - 0xFFFF)  # the end record, then a comment
+    tail_at = max(0, size - _ZIP_LAYOUT.sizeEndCentDir - 0xFFFF)  # the end record, then a comment
     with path.open("rb") as fp:
         fp.seek(tail_at)
         tail = fp.read()
-        at = tail.rfind(zipfile.stringEndArchive)
-        if at < 0 or len(tail) - at < zipfile.sizeEndCentDir:
+        at = tail.rfind(_ZIP_LAYOUT.stringEndArchive)
+        if at < 0 or len(tail) - at < _ZIP_LAYOUT.sizeEndCentDir:
             return  # not a zip file: zipfile says so
-        record = struct.unpack(zipfile.structEndArchive, tail[at : at + zipfile.sizeEndCentDir])
+        record = struct.unpack(
+            _ZIP_LAYOUT.structEndArchive, tail[at : at + _ZIP_LAYOUT.sizeEndCentDir]
+        )
         members, index_bytes = record[4], record[5]
         if members == 0xFFFF or index_bytes == 0xFFFFFFFF:
             # zip64: the real numbers are in a second end record, found by a locator
-            locator_at = tail_at + at - zipfile.sizeEndCentDir64Locator
+            locator_at = tail_at + at - _ZIP_LAYOUT.sizeEndCentDir64Locator
             if locator_at >= 0:
                 fp.seek(locator_at)
-                locator = fp.read(zipfile.sizeEndCentDir64Locator)
+                locator = fp.read(_ZIP_LAYOUT.sizeEndCentDir64Locator)
                 signature, _, record_at, _ = struct.unpack(
-                    zipfile.structEndArchive64Locator, locator
+                    _ZIP_LAYOUT.structEndArchive64Locator, locator
                 )
-                if signature == zipfile.stringEndArchive64Locator:
+                if signature == _ZIP_LAYOUT.stringEndArchive64Locator:
                     fp.seek(record_at)
-                    raw = fp.read(zipfile.sizeEndCentDir64)
+                    raw = fp.read(_ZIP_LAYOUT.sizeEndCentDir64)
                     if (
-                        raw[:4] == zipfile.stringEndArchive64
-                        and len(raw) == zipfile.sizeEndCentDir64
+                        raw[:4] == _ZIP_LAYOUT.stringEndArchive64
+                        and len(raw) == _ZIP_LAYOUT.sizeEndCentDir64
                     ):
-                        record64 = struct.unpack(zipfile.structEndArchive64, raw)
+                        record64 = struct.unpack(_ZIP_LAYOUT.structEndArchive64, raw)
                         members, index_bytes = record64[7], record64[8]
     if members > max_members:
         raise DataError(
@@ -1034,7 +1040,8 @@ def _arrow_layout(dtype: pa.DataType) -> tuple[tuple[int, ...], str]:
         shape.append(base.list_size)
         base = base.value_type
     if _arrow_numeric(base):
-        return tuple(shape), np.dtype(base.to_pandas_dtype()).name
+        # an empty array's numpy dtype: to_pandas_dtype() would need pandas (pyarrow < 16)
+        return tuple(shape), pa.array([], type=base).to_numpy(zero_copy_only=False).dtype.name
     if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
         return (), TEXT
     return (), str(dtype)

@@ -49,7 +49,8 @@ def use_device(device: torch.device, training: TrainingSpec) -> list[str]:
     # The PCI address tells which physical GPU this is, whatever CUDA_VISIBLE_DEVICES says.
     bus = getattr(props, "pci_bus_id", None)
     where = (
-        f", pci {props.pci_domain_id:04x}:{bus:02x}:{props.pci_device_id:02x}"
+        f", pci {getattr(props, 'pci_domain_id', 0):04x}:{bus:02x}"
+        f":{getattr(props, 'pci_device_id', 0):02x}"
         if bus is not None
         else ""
     )

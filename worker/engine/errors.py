@@ -41,7 +41,7 @@ class SpecError(ValueError):
         by walking the input document: a loc part that is not a key or index of
         the value at that point is a tag, not a place.
         """
-        grouped: dict[str, list[dict[str, Any]]] = {}
+        grouped: dict[str, list[Any]] = {}
         for error in exc.errors(include_url=False):
             path = _clean_path(error["loc"], document)
             grouped.setdefault(path, []).append(error)
@@ -76,14 +76,14 @@ def _clean_path(loc: tuple[Any, ...], document: Any) -> str:
     if document is None:
         return format_path(part for part in loc if isinstance(part, int | str))
     parts: list[str | int] = []
-    node = document
+    node: Any = document
     for index, part in enumerate(loc):
         last = index == len(loc) - 1
         if (isinstance(node, dict) and isinstance(part, str) and part in node) or (
             isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
         ):
             parts.append(part)
-            node = node[part]
+            node = node[part]  # type: ignore[index]  # a key of a dict or index of a list
         elif last and isinstance(node, dict) and isinstance(part, str) and _is_field_name(part):
             # a missing or unknown key: the path ends here
             parts.append(part)

@@ -124,6 +124,8 @@ def _export_onnx(
         output_names=list(model.output_names),
         verbose=False,
     )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(path))
     session = ReferenceEvaluator(str(path))
     feeds = {name: arg.numpy() for name, arg in zip(input_names, args, strict=True)}

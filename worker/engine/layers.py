@@ -294,15 +294,15 @@ class LastStepMixin:
         return h_n[-1] if dirs == 1 else torch.cat([h_n[-2], h_n[-1]], dim=-1)
 
 
-class LSTM(LastStepMixin, nn.LSTM):
+class LSTM(LastStepMixin, nn.LSTM):  # type: ignore[misc]  # forward returns one tensor
     pass
 
 
-class GRU(LastStepMixin, nn.GRU):
+class GRU(LastStepMixin, nn.GRU):  # type: ignore[misc]  # forward returns one tensor
     pass
 
 
-class RNN(LastStepMixin, nn.RNN):
+class RNN(LastStepMixin, nn.RNN):  # type: ignore[misc]  # forward returns one tensor
     pass
 
 

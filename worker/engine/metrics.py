@@ -9,6 +9,7 @@ size, so the last, smaller batch counts for what it holds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -156,11 +157,20 @@ class MetricAccumulator:
         self._sums.copy_(state["sums"].to(self._sums.device, self._sums.dtype))
         self._counts = [int(c) for c in state["counts"]]
 
-    def compute(self) -> dict[str, float]:
-        """Sample-weighted means over everything since `reset()`; NaN for a value never updated."""
-        sums = self._sums.tolist()  # the one host sync
+    def compute(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """Sample-weighted means over everything since `reset()`; NaN for a value never updated.
+
+        `reduce` sums a tensor over the ranks of a data-parallel run, in place: the means
+        are then over every rank's samples, as one process over the global batch gives."""
+        sums, counts = self._sums, self._counts
+        if reduce is not None:
+            both = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=sums.device)])
+            reduced = reduce(both).tolist()  # the one host sync
+            values, counts = reduced[: len(counts)], [int(c) for c in reduced[len(counts) :]]
+        else:
+            values = sums.tolist()  # the one host sync
         result: dict[str, float] = {}
-        for slot, total, count in zip(self._slots, sums, self._counts, strict=True):
+        for slot, total, count in zip(self._slots, values, counts, strict=True):
             mean = total / count if count else math.nan
             result[self.prefix + slot.name] = math.sqrt(mean) if slot.kind == "rmse" else mean
         return result

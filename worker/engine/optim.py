@@ -35,7 +35,7 @@ def make_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter]) -> torch
     params = list(params)
     if not params:
         raise SpecError.at("model", "the model has no parameters to train")
-    eps = {} if spec.eps is None else {"eps": spec.eps}
+    eps: dict[str, Any] = {} if spec.eps is None else {"eps": spec.eps}
     common: dict[str, Any] = {"lr": spec.lr, "weight_decay": spec.weight_decay, "foreach": None}
     if spec.type == "sgd":
         return torch.optim.SGD(

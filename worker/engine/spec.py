@@ -12,6 +12,7 @@ import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -27,6 +28,12 @@ from worker.engine.errors import SpecError, SpecIssue
 
 MAX_NODES = 10_000
 MAX_NAME_LENGTH = 64
+# Job metadata (the service stores, lists and filters by it; training ignores it).
+MAX_LABEL_LENGTH = 64  # a project or a tag
+MAX_TAGS = 32
+MAX_NOTE_LENGTH = 10_000
+LABEL_CHARACTERS = "letters a-z A-Z, digits, and - _ . : / and space"
+_LABEL_EXTRA = frozenset("-_.:/ ")
 
 InitName = Literal[
     "default",
@@ -160,6 +167,40 @@ def _check_name(name: str) -> str:
     return name
 
 
+def check_label(value: str) -> str:
+    """A project or tag name: 1 to 64 ASCII letters, digits and `-_.:/ `, not starting or
+    ending with a space. ASCII, so case-insensitive matching and sorting are the same on
+    every database; no commas, so a list of tags can be written comma-separated."""
+    if not value or len(value) > MAX_LABEL_LENGTH:
+        raise ValueError(f"must be 1 to {MAX_LABEL_LENGTH} characters, found {value!r}")
+    bad = sorted({c for c in value if not (c.isascii() and c.isalnum()) and c not in _LABEL_EXTRA})
+    if bad:
+        raise ValueError(f"may hold only {LABEL_CHARACTERS}; found {''.join(bad)!r} in {value!r}")
+    if value[0] == " " or value[-1] == " ":
+        raise ValueError(f"must not start or end with a space, found {value!r}")
+    return value
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    """Tags in the order given, each once (a repeated tag is the same tag)."""
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags, found {len(tags)}")
+    return list(dict.fromkeys(tags))
+
+
+def check_note(note: str) -> str:
+    if len(note) > MAX_NOTE_LENGTH:
+        raise ValueError(f"at most {MAX_NOTE_LENGTH:,} characters, found {len(note):,}")
+    if "\x00" in note:
+        raise ValueError("contains a NUL character (\\u0000)")
+    return note
+
+
+Label = Annotated[str, AfterValidator(check_label)]
+Tags = Annotated[list[Label], AfterValidator(check_tags)]
+Note = Annotated[str, AfterValidator(check_note)]
+
+
 # -------------------------------------------------------------------- model
 
 
@@ -218,7 +259,7 @@ class LayerSpec(BaseModel):
 class NodeSpec(LayerSpec):
     """A node of a graph model: a layer (or merge op) applied to named inputs."""
 
-    name: str = Field(description="Unique node name.")  # type: ignore[assignment]
+    name: str = Field(description="Unique node name.")
     in_: str | list[str] = Field(alias="in", description="Input node(s) or model input(s).")
     share: str | None = Field(
         default=None, description="Reuse the module (weights and all) of another node."
@@ -452,6 +493,11 @@ class TrainingSpec(Strict):
         "off by default, as in PyTorch",
     )
     log_every_n_steps: int = Field(default=50, ge=1)
+    sync_batchnorm: bool = Field(
+        default=False,
+        description="data-parallel runs on GPUs: BatchNorm statistics over the global batch "
+        "(torch.nn.SyncBatchNorm) instead of each rank's share",
+    )
 
     @field_validator("device")
     @classmethod
@@ -512,11 +558,44 @@ class CallbacksSpec(Strict):
     terminate_on_nan: bool = True
 
 
+MAX_RANKS_PER_NODE = 64
+MAX_NODES_PER_JOB = 256
+
+
 class ResourcesSpec(Strict):
-    gpus: Literal[0, 1] | None = Field(
-        default=None, description="GPUs to reserve; default 1 when training.device is cuda, else 0."
+    """Where a job runs. More than one rank in all (gpus or processes, times nodes) trains
+    data-parallel: DistributedDataParallel, one rank per GPU (NCCL) or per CPU process (gloo)."""
+
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_RANKS_PER_NODE,
+        description="GPUs per node, one rank each; default 1 when training.device is cuda, else 0.",
+    )
+    processes: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_RANKS_PER_NODE,
+        description="CPU ranks per node (gloo), for training without GPUs; not with gpus.",
+    )
+    nodes: int = Field(
+        default=1, ge=1, le=MAX_NODES_PER_JOB, description="machines the ranks are spread over"
     )
     memory_gb: float | None = Field(default=None, gt=0)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus or self.processes or 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: the global batch is split among them."""
+        return self.ranks_per_node * self.nodes
+
+    @property
+    def gpu_ranks(self) -> bool:
+        """One rank per GPU (NCCL); otherwise ranks on CPUs (gloo)."""
+        return bool(self.gpus)
 
 
 # -------------------------------------------------------------------- a job
@@ -533,6 +612,10 @@ class JobSpec(Strict):
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_restarts: int = Field(default=3, ge=0, le=100)
+    # Metadata for organising jobs; the engine ignores it.
+    project: Label = Field(default="default", description="The project the job belongs to.")
+    tags: Tags = Field(default_factory=list, description=f"At most {MAX_TAGS} labels.")
+    note: Note = Field(default="", description="Free text, at most 10,000 characters.")
 
     @model_validator(mode="after")
     def _name_single_fields(self) -> JobSpec:
@@ -587,11 +670,78 @@ def parse_spec(document: str | bytes | dict[str, Any]) -> JobSpec:
             [SpecIssue("", f"a job spec is a JSON object, found {type(document).__name__}")]
         )
     try:
-        return JobSpec.model_validate(document)
+        spec = JobSpec.model_validate(document)
     except ValidationError as exc:
         raise SpecError.from_validation(exc, document) from None
     except RecursionError:
         raise SpecError([SpecIssue("", "JSON nested too deeply")]) from None
+    issues = resource_issues(spec)
+    if issues:
+        raise SpecError(issues)
+    return spec
+
+
+def resource_issues(spec: JobSpec) -> list[SpecIssue]:
+    """What in `resources` does not fit the rest of the spec, each at its own path.
+
+    Checked here, not in a model validator: these name places in other sections
+    (`data.batch_size`, `training.device`), which a validator's error cannot."""
+    res, training = spec.resources, spec.training
+    issues: list[SpecIssue] = []
+    if res.processes is not None and res.gpus:
+        issues.append(
+            SpecIssue(
+                "resources.processes",
+                f"give processes (CPU ranks) or gpus (a rank per GPU), not both; "
+                f"found processes {res.processes} and gpus {res.gpus}",
+            )
+        )
+        return issues
+    world = res.world_size
+    if world > 1 and not res.gpu_ranks and training.device.startswith("cuda"):
+        issues.append(
+            SpecIssue(
+                "resources.processes" if res.processes is not None else "resources.nodes",
+                f"{world} ranks without resources.gpus run on CPUs (gloo), but training.device "
+                f"is {training.device!r}: give resources.gpus for a rank per GPU",
+            )
+        )
+    if res.gpus is not None and res.gpus > 1:
+        if training.device == "cpu":
+            issues.append(
+                SpecIssue(
+                    "training.device",
+                    f"resources.gpus {res.gpus} trains on GPUs, but training.device is 'cpu': "
+                    f"use 'auto' or 'cuda', or resources.processes for CPU ranks",
+                )
+            )
+        elif training.device.startswith("cuda:"):
+            issues.append(
+                SpecIssue(
+                    "training.device",
+                    f"resources.gpus {res.gpus} runs a rank on each GPU of the job's set; "
+                    f"{training.device!r} names one GPU: use 'cuda' or 'auto'",
+                )
+            )
+    if training.sync_batchnorm and world > 1 and not res.gpu_ranks:
+        issues.append(
+            SpecIssue(
+                "training.sync_batchnorm",
+                "torch.nn.SyncBatchNorm runs on GPU ranks only; CPU ranks (gloo) normalise "
+                "each rank's share of the batch: set it false, or train on resources.gpus",
+            )
+        )
+    if spec.data.batch_size % world:
+        shape = f"{res.ranks_per_node} {'gpus' if res.gpu_ranks else 'processes'}"
+        issues.append(
+            SpecIssue(
+                "data.batch_size",
+                f"the global batch is split evenly among the {world} ranks ({shape} x "
+                f"{res.nodes} node{'s' if res.nodes > 1 else ''}): {spec.data.batch_size} is "
+                f"not a multiple of {world}",
+            )
+        )
+    return issues
 
 
 def job_schema() -> dict[str, Any]:

@@ -40,6 +40,15 @@ from worker.engine.callbacks import (
 )
 from worker.engine.data import ArrayData, describe, load_arrays, resolve_fields, split_validation
 from worker.engine.devices import set_determinism, use_device
+from worker.engine.distributed import (
+    Collectives,
+    Ranks,
+    check_world,
+    data_parallel,
+    process_group,
+    rank_device,
+    share_cpu_threads,
+)
 from worker.engine.errors import DataError, SpecError
 from worker.engine.files import atomic_path, atomic_write_text
 from worker.engine.losses import CombinedLoss, target_dtype, target_shape
@@ -132,7 +141,7 @@ def prepare(
     inputs, targets = resolve_fields(spec.data, info.fields)
     built = build_model(spec, inputs, targets, device="meta", max_params=max_params)
     losses = spec.training.losses(spec.output_names)
-    dtypes = {
+    dtypes: dict[str, Any] = {
         "input_dtypes": {n: str(d).removeprefix("torch.") for n, d in built.input_dtypes.items()},
         "target_dtypes": {
             n: str(target_dtype(losses[n], targets[n])).removeprefix("torch.") for n in targets
@@ -165,7 +174,8 @@ def prepare(
 
 
 class Trainer:
-    """Runs one job: the loop in `_train_epoch`, validation, checkpoints, resume."""
+    """Runs one job (or one rank of a data-parallel job): the loop in `_train_epoch`,
+    validation, checkpoints, resume."""
 
     def __init__(
         self,
@@ -176,6 +186,7 @@ class Trainer:
         reporter: Reporter | None = None,
         callbacks: list[Callback] | None = None,
         preempt: Callable[[], bool] | None = None,
+        ranks: Ranks | None = None,
     ):
         self.spec = spec
         # Asked after every optimizer step (a plain call, no device sync): True saves a
@@ -183,28 +194,43 @@ class Trainer:
         self.preempt = preempt
         self.run_dir = run_dir
         self.reporter: Reporter = reporter or NullReporter()
+        self.ranks = ranks or Ranks()
+        self.collectives = Collectives(self.ranks)
+        # Sums epoch metrics over the ranks (None: one rank, nothing to sum).
+        self._reduce = self.collectives.sum_ if self.ranks.distributed else None
         training = spec.training
         set_determinism(training.deterministic)  # before CUDA starts: cuBLAS reads it once
-        self.device = resolve_device(training.device)
+        self.device = resolve_device(rank_device(spec, self.ranks) or training.device)
         for line in use_device(self.device, training):
             self.reporter.log_line(line)
         self.autocast = autocast_for(training.precision, self.device)
 
+        # `model` is what is saved, loaded and validated; a data-parallel run trains it
+        # through DDP, which shares its parameters and averages their gradients.
         self.model: nn.Module = build_model(
             spec, data.inputs, data.targets, device=self.device, max_params=None
         ).module
+        self.ddp: nn.Module | None = None
+        if self.ranks.distributed:
+            self.ddp = data_parallel(
+                self.model, self.device, sync_batchnorm=training.sync_batchnorm
+            )
+        trained = self.ddp or self.model
         self.forward_model: Callable[..., Any] = (
-            torch.compile(self.model) if training.compile else self.model
+            torch.compile(trained) if training.compile else trained
         )
+        self.eval_model: Callable[..., Any] = self.forward_model
+        if self.ddp is not None:
+            # Validation runs each rank's share alone: no collective per batch.
+            self.eval_model = torch.compile(self.model) if training.compile else self.model
         self.input_names: list[str] = list(self.model.input_names)
         self.output_names: list[str] = list(self.model.output_names)
         self.single_output = len(self.output_names) == 1
 
-        self.train_batches: Batches = make_batches(
-            data.train, spec.data, device=self.device, seed=spec.seed, train=True
-        )
+        batches: dict[str, Any] = {"device": self.device, "seed": spec.seed, "ranks": self.ranks}
+        self.train_batches: Batches = make_batches(data.train, spec.data, train=True, **batches)
         self.val_batches: Batches | None = (
-            make_batches(data.val, spec.data, device=self.device, seed=spec.seed, train=False)
+            make_batches(data.val, spec.data, train=False, **batches)
             if data.val is not None
             else None
         )
@@ -255,6 +281,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stopped_early = False
         self._stop = False
+        # A stop one rank decided alone, until the ranks agree on it (`_agree_on_stop`).
+        self._stop_pending: tuple[str, bool] | None = None
         self.last_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------- callbacks
@@ -262,9 +290,10 @@ class Trainer:
     def _make_callbacks(self) -> list[Callback]:
         spec, cbs = self.spec, self.spec.callbacks
         out: list[Callback] = [ProgressTimer(spec.training.max_time_s)]
-        if cbs.checkpoint is not None:
+        self.checkpoint: ModelCheckpoint | None = None
+        if cbs.checkpoint is not None and self.ranks.is_zero:  # rank 0 alone writes weights
             monitor = cbs.checkpoint.monitor or default_monitor(spec)
-            self.checkpoint: ModelCheckpoint | None = ModelCheckpoint(
+            self.checkpoint = ModelCheckpoint(
                 self.run_dir,
                 monitor=monitor,
                 mode=cbs.checkpoint.mode or default_mode(monitor),
@@ -272,8 +301,6 @@ class Trainer:
                 every_n_epochs=cbs.checkpoint.every_n_epochs,
             )
             out.append(self.checkpoint)
-        else:
-            self.checkpoint = None
         if cbs.early_stopping is not None:
             es = cbs.early_stopping
             monitor = es.monitor or default_monitor(spec)
@@ -290,8 +317,26 @@ class Trainer:
         return out
 
     def request_stop(self, reason: str, *, early: bool = False) -> None:
+        if self.ranks.distributed:
+            # Every rank must leave the loop at the same step, or the others wait in a
+            # collective for it: a stop one rank decides (a time limit, a cancel, a
+            # preemption) waits for the next log window or epoch end, where all agree.
+            self._stop_pending = self._stop_pending or (reason, early)
+            return
+        self._stop_now(reason, early)
+
+    def _stop_now(self, reason: str, early: bool = False) -> None:
         if not self._stop:
             self._stop, self.stop_reason, self.stopped_early = True, reason, early
+
+    def _agree_on_stop(self) -> None:
+        """Ranks stop together, for the first reason by rank order (one small collective)."""
+        if not self.ranks.distributed:
+            return
+        agreed = self.collectives.first(self._stop_pending)
+        self._stop_pending = None
+        if agreed is not None:
+            self._stop_now(*agreed)
 
     def weights_metadata(self, epoch: int) -> dict[str, str]:
         return {
@@ -319,9 +364,22 @@ class Trainer:
                 f"{phase} failed at epoch {self.epoch}, step {self.step}: {one_line(exc)}"
             ) from exc
 
-    def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.forward_model(*[inputs[name] for name in self.input_names])
+    def _forward(
+        self, inputs: dict[str, torch.Tensor], model: Callable[..., Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        model = self.forward_model if model is None else model  # (a compiled one has no bool)
+        out = model(*[inputs[name] for name in self.input_names])
         return {self.output_names[0]: out} if self.single_output else out
+
+    def _share_weight(self, i: int, rows: int) -> float:
+        """What this rank's mean loss on batch `i` is multiplied by so that DDP's average
+        over ranks is the mean over the global batch: 1, unless the batch (the last, short
+        one) does not split evenly."""
+        if not self.ranks.distributed:
+            return 1.0
+        batch_size = self.spec.data.batch_size
+        global_rows = min(batch_size, self.train_batches.num_samples - i * batch_size)
+        return rows * self.ranks.world_size / global_rows
 
     def _train_epoch(self, epoch: int) -> None:
         self.model.train()
@@ -331,16 +389,20 @@ class Trainer:
         n_batches = len(self.train_batches)
         batches = self.train_batches.epoch(epoch, first)
         for i, (inputs, targets) in enumerate(batches, start=first):
-            with self._model_errors("training"):
+            end_of_window = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
+            batch_size = next(iter(targets.values())).shape[0]
+            weight = self._share_weight(i, batch_size)
+            with self._model_errors("training"), self._sync_gradients(end_of_window):
                 with self.autocast():
                     outputs = self._forward(inputs)
                     loss, per_output = self.loss_fn(outputs, targets)
+                if weight != 1.0:
+                    loss = loss * weight
                 # Dividing by the window size makes accumulated gradients the mean
                 # over the window, as one big batch would give.
                 scaled = loss / self.accumulate if self.accumulate > 1 else loss
                 self.scaler.scale(scaled).backward()
 
-            end_of_window = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
             if end_of_window:
                 if self.spec.training.grad_clip_norm is not None:
                     self.scaler.unscale_(self.optimizer)  # clip true, not scaled, gradients
@@ -353,8 +415,10 @@ class Trainer:
                 self.scheduler.step_batch()
                 self.step += 1
 
-            batch_size = next(iter(targets.values())).shape[0]
-            self.train_metrics.update(outputs, targets, per_output, loss, batch_size)
+            # The metrics take this rank's unweighted mean (summed over ranks at the end);
+            # the window takes the weighted one, whose mean over ranks is the batch's loss.
+            unweighted = loss / weight if weight != 1.0 else loss
+            self.train_metrics.update(outputs, targets, per_output, unweighted, batch_size)
             self._window[self._window_len].copy_(loss.detach())
             self._window_len += 1
             self.batch_in_epoch = i + 1
@@ -365,7 +429,7 @@ class Trainer:
                 self._flush_window(log=True)
             max_steps = self.spec.training.max_steps
             if end_of_window and max_steps is not None and self.step >= max_steps:
-                self.request_stop(f"max_steps {max_steps} reached")
+                self._stop_now(f"max_steps {max_steps} reached")  # the same step on every rank
             if end_of_window and self.preempt is not None and self.preempt():
                 self.request_stop(PREEMPTED)
             if self._stop:
@@ -373,12 +437,26 @@ class Trainer:
         if self.stop_reason != PREEMPTED:  # a preempted window is saved, read on resume
             self._flush_window(log=False)
 
+    def _sync_gradients(self, end_of_window: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP averages gradients in the backward of a window's last batch only: the
+        batches accumulated before it keep theirs local (`no_sync`)."""
+        if self.ddp is None or end_of_window:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()  # type: ignore[operator]
+
     def _flush_window(self, *, log: bool) -> None:
-        """Read the window's losses (one sync): NaN guard, then the step metrics."""
+        """Read the window's losses (one sync): NaN guard, then the step metrics.
+
+        Data-parallel, the window is first averaged over the ranks (every rank keeps
+        every step, so their windows line up): all see the same losses, and a NaN
+        on one rank stops them all at the same step."""
         n = self._window_len
         if n == 0:
             return
-        values = self._window[:n].tolist()
+        window = self._window[:n]
+        if self.ranks.distributed:
+            window = self.collectives.sum_(window.clone()) / self.ranks.world_size
+        values = window.tolist()
         first_step = self._window_first_step
         self._window_len = 0
         self._window_first_step = self.step
@@ -402,6 +480,7 @@ class Trainer:
                 cb.on_log(self, points)
             if self.reporter.cancel_requested():
                 self.request_stop("cancelled")
+            self._agree_on_stop()
 
     @torch.inference_mode()
     def _validate(self, epoch: int) -> dict[str, float]:
@@ -409,17 +488,20 @@ class Trainer:
             return {}
         self.model.eval()
         self.val_metrics.reset()
+        self.collectives.broadcast_buffers(self.model)
         for inputs, targets in self.val_batches.epoch(epoch):
             with self._model_errors("validation"), self.autocast():
-                outputs = self._forward(inputs)
+                outputs = self._forward(inputs, self.eval_model)
                 loss, per_output = self.loss_fn(outputs, targets)
             batch_size = next(iter(targets.values())).shape[0]
             self.val_metrics.update(outputs, targets, per_output, loss, batch_size)
-        return self.val_metrics.compute()
+        return self.val_metrics.compute(self._reduce)
 
     def fit(self, *, resume_from: Path | None = None) -> RunResult:
         started = time.monotonic()
-        seed_everything(self.spec.seed)
+        # Each rank its own random stream (dropout masks differ across shares); rank 0's
+        # is a one-process run's.
+        seed_everything(self.spec.seed + self.ranks.rank)
         with contextlib.ExitStack() as teardown:
             # on_fit_end runs for every callback, in order, however fit() ends; an
             # error in one still lets the others run (ExitStack chains the errors).
@@ -449,7 +531,7 @@ class Trainer:
             self._train_epoch(epoch)
             if self.stop_reason in ("cancelled", PREEMPTED):
                 break
-            metrics = self.train_metrics.compute()
+            metrics = self.train_metrics.compute(self._reduce)
             metrics.update(self._validate(epoch))
             elapsed = time.monotonic() - epoch_started
             metrics["epoch_time_s"] = elapsed
@@ -457,7 +539,7 @@ class Trainer:
             metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
             self._check_finite_epoch(metrics)
             self.scheduler.step_epoch(metrics)
-            self.epoch = epoch + 1
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
             self.last_metrics = metrics
             now = time.time()
             # `lr` is a step metric: skip it when this step's value was just logged.
@@ -473,6 +555,7 @@ class Trainer:
             self._save_last(epoch)
             if self.reporter.cancel_requested():
                 self.request_stop("cancelled")
+            self._agree_on_stop()
         if self.stop_reason == PREEMPTED:
             self._save_preempted()
 
@@ -536,18 +619,33 @@ class Trainer:
             return None
         return {
             "batch": self.batch_in_epoch,
-            "train_metrics": self.train_metrics.state_dict(),
-            "window": self._window[: self._window_len].detach().cpu().clone(),
+            "train_metrics": self._by_rank(self.train_metrics.state_dict()),
+            "window": self._by_rank(self._window[: self._window_len].detach().cpu().clone()),
             "window_first_step": self._window_first_step,
             "lr_logged_at": self._lr_logged_at,
         }
 
+    def _by_rank(self, value: Any) -> Any:
+        """A rank's own state, for last.pt: as is with one rank; data-parallel, every
+        rank's in a list by rank (gathered on rank 0; None on the others)."""
+        if not self.ranks.distributed:
+            return value
+        return self.collectives.gather(to_cpu(value))
+
+    def _mine(self, saved: Any) -> Any:
+        """This rank's entry of a `_by_rank` value read back from last.pt."""
+        return saved[self.ranks.rank] if self.ranks.distributed else saved
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue as if never stopped."""
+        """Everything a resumed run needs to continue as if never stopped.
+
+        Data-parallel, every rank calls it at the same point (it gathers each rank's
+        random state and position to rank 0), and rank 0's is the one to save."""
         return {
             # 2: callbacks keyed by `state_key` (1: by `name`), the scaler always saved.
             "format": 2,
             "spec_sha256": spec_digest(self.spec),
+            "world_size": self.ranks.world_size,
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
@@ -555,22 +653,33 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),  # {} when disabled
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
-            "rng": rng_state(self.device),
+            "rng": self._by_rank(rng_state(self.device)),
             # The data order is a pure function of (seed, epoch); kept for the record.
             "data_order": {"seed": self.spec.seed, "next_epoch": self.epoch},
             "position": self._position(),
         }
 
     def save_state(self, path: Path) -> None:
-        # On the CPU, so a machine without this GPU (or any) can load it.
-        with atomic_path(path) as tmp:
-            torch.save(to_cpu(self.state_dict()), tmp)
+        state = self.state_dict()  # on every rank: it gathers theirs
+        if self.ranks.is_zero:
+            # On the CPU, so a machine without this GPU (or any) can load it.
+            with atomic_path(path) as tmp:
+                torch.save(to_cpu(state), tmp)
 
     def load_state(self, path: Path) -> None:
         state = read_state(path)
         if state.get("spec_sha256") != spec_digest(self.spec):
             raise RunFailed(
                 "cannot resume: the spec's seed, data, model or training differ from the checkpoint's"
+            )
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.ranks.world_size:
+            # Each rank's random state (dropout) and place in a batch is its own: a run
+            # split another way would not continue the same run.
+            raise RunFailed(
+                f"cannot resume: {path.name} was written by a run of {saved_world} rank(s), "
+                f"this run has {self.ranks.world_size}: resume with the resources it was "
+                f"started with"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -589,13 +698,13 @@ class Trainer:
         position = state.get("position")
         if position is not None:
             self._resume_batch = self.batch_in_epoch = int(position["batch"])
-            self.train_metrics.load_state_dict(position["train_metrics"])
-            window = position["window"]
+            self.train_metrics.load_state_dict(self._mine(position["train_metrics"]))
+            window = self._mine(position["window"])
             self._window_len = len(window)
             self._window[: self._window_len].copy_(window.to(self._window.device))
             self._window_first_step = int(position["window_first_step"])
             self._lr_logged_at = int(position["lr_logged_at"])
-        set_rng_state(state["rng"], self.device)
+        set_rng_state(self._mine(state["rng"]), self.device)
 
 
 # ---------------------------------------------------------------- helpers
@@ -629,7 +738,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """RNG states of the host and of the training GPU only: a resume may see other GPUs."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple form
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
@@ -702,21 +811,42 @@ def run_job(
     `max_params`: the model size limit, for local runs (the service checks its own
     limit when a job is submitted, so its workers pass none). `preempt`: asked
     after every optimizer step; True saves a mid-epoch last.pt and ends the run
-    `preempted` (resume=True continues it bit-exactly)."""
+    `preempted` (resume=True continues it bit-exactly).
+
+    A data-parallel spec (resources: more than one rank) runs this once per rank,
+    started by a launcher that sets torch.distributed's env vars
+    (`worker.engine.launch`, torchrun): rank 0 reports to `reporter` and writes
+    the files, the other ranks report nowhere."""
+    ranks = Ranks.from_env()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not ranks.is_zero:
+        reporter = NullReporter()
     reporter = reporter or FileReporter(run_dir)
     started = time.monotonic()
     trainer: Trainer | None = None
     try:
-        data = prepare(spec, resolve, max_params)
-        trainer = Trainer(
-            spec, data, run_dir, reporter=reporter, callbacks=callbacks, preempt=preempt
-        )
-        last = run_dir / "last.pt"
-        resume_from = last if resume and last.exists() else None
-        if resume_from is not None and isinstance(reporter, FileReporter):
-            reporter.truncate_after(int(read_state(last)["step"]))
-        result = trainer.fit(resume_from=resume_from)
+        problem = check_world(spec, ranks)
+        if problem is not None:
+            raise RunFailed(problem)
+        device = torch.device(rank_device(spec, ranks) or "cpu")
+        if ranks.distributed and device.type == "cpu":
+            share_cpu_threads()
+        with process_group(ranks, device):
+            data = prepare(spec, resolve, max_params)
+            trainer = Trainer(
+                spec,
+                data,
+                run_dir,
+                reporter=reporter,
+                callbacks=callbacks,
+                preempt=preempt,
+                ranks=ranks,
+            )
+            last = run_dir / "last.pt"
+            resume_from = last if resume and last.exists() else None
+            if resume_from is not None and isinstance(reporter, FileReporter):
+                reporter.truncate_after(int(read_state(last)["step"]))
+            result = trainer.fit(resume_from=resume_from)
     except (SpecError, DataError, RunFailed) as exc:
         result = _failed(trainer, started, one_line(exc))
     except (RuntimeError, MemoryError) as exc:
@@ -728,7 +858,8 @@ def run_job(
         if type(exc) is RuntimeError:  # the CPU allocator's message says how much it wanted
             reason += f": {one_line(exc)}"
         result = _failed(trainer, started, reason)
-    atomic_write_text(run_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
+    if ranks.is_zero:
+        atomic_write_text(run_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
     return result
 
 

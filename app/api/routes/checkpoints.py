@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
+from app import retention
 from app.api.deps import ArtifactsDep, OwnedJob, SessionDep, SessionsDep, UserAuth
 from app.api.files import checkpoint_response
 from app.api.schemas import MAX_INT32, CheckpointOut
-from app.db import session_scope
+from app.artifacts import ArtifactStore
+from app.db import Sessions, session_scope
 from app.exports import ExportFormat
+from app.models import Checkpoint, Job
 from app.store import checkpoints
 
 router = APIRouter(prefix="/jobs", tags=["checkpoints"], dependencies=[UserAuth])
@@ -22,7 +25,9 @@ FormatQuery = Annotated[
         description="pt2 (torch.export) or onnx: export the weights; default: the file as stored",
     ),
 ]
-DOWNLOAD = {200: {"content": {"application/octet-stream": {}}, "description": "The file"}}
+DOWNLOAD: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The file"}
+}
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
@@ -40,8 +45,8 @@ def download_best(
     fmt: FormatQuery = None,
 ) -> Response:
     with session_scope(sessions) as session:
-        checkpoint = checkpoints.newest(session, job.id, "best")
-    return checkpoint_response(request, artifacts, job, checkpoint, fmt)
+        checkpoint = retention.best(session, job)
+    return _answer(request, sessions, artifacts, job, checkpoint, fmt)
 
 
 @router.get("/{job_id}/checkpoints/{checkpoint_id}", response_class=Response, responses=DOWNLOAD)
@@ -55,4 +60,18 @@ def download(
 ) -> Response:
     with session_scope(sessions) as session:
         checkpoint = checkpoints.get(session, job.id, checkpoint_id)
-    return checkpoint_response(request, artifacts, job, checkpoint, fmt)
+    return _answer(request, sessions, artifacts, job, checkpoint, fmt)
+
+
+def _answer(
+    request: Request,
+    sessions: Sessions,
+    artifacts: ArtifactStore,
+    job: Job,
+    checkpoint: Checkpoint,
+    fmt: ExportFormat | None,
+) -> Response:
+    response = checkpoint_response(request, artifacts, job, checkpoint, fmt)
+    if fmt is not None:  # an export may have been cached beside the weights: the job grew
+        retention.refresh_disk_bytes(sessions, artifacts, job.id)
+    return response

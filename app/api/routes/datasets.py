@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import ArtifactsDep, CurrentUser, SessionDep, SessionsDep, SettingsDep, UserAuth
 from app.api.schemas import DatasetOut
@@ -50,8 +50,21 @@ async def upload(
 
 
 @router.get("", response_model=list[DatasetOut])
-def list_datasets(user: CurrentUser, session: SessionDep) -> list[DatasetOut]:
-    return [DatasetOut.of(d) for d in datasets.list_for_user(session, user.id)]
+def list_datasets(
+    user: CurrentUser,
+    session: SessionDep,
+    sha256: Annotated[
+        str | None,
+        Query(
+            pattern="^[0-9a-fA-F]{64}$",
+            description="Only your datasets with these bytes (sha256 hex): a client asks "
+            "before uploading a file the service may already hold",
+        ),
+    ] = None,
+) -> list[DatasetOut]:
+    """Your datasets, newest first."""
+    found = datasets.list_for_user(session, user.id, sha256=sha256.lower() if sha256 else None)
+    return [DatasetOut.of(d) for d in found]
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +15,9 @@ from app.event_stream import sse_frames
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-STREAM = {200: {"content": {"text/event-stream": {}}, "description": "id, event, data per event"}}
+STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "id, event, data per event"}
+}
 # no-cache: every watcher reads live; X-Accel-Buffering: nginx must not hold events back
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -1,19 +1,21 @@
-"""Jobs: validate, submit, list, read, cancel, metrics history, logs."""
+"""Jobs: validate, submit, list, read, edit, delete, cancel, metrics history, logs."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.api import job_cursor
 from app.api.deps import (
+    ArtifactsDep,
     CurrentUser,
     DispatcherDep,
     OwnedJob,
+    ReadSessionDep,
     SessionDep,
+    SessionsDep,
     SettingsDep,
     UserAuth,
     authenticate,
@@ -21,6 +23,7 @@ from app.api.deps import (
 )
 from app.api.schemas import (
     MAX_INT64,
+    JobEdit,
     JobOut,
     JobPage,
     JobSummary,
@@ -29,10 +32,12 @@ from app.api.schemas import (
     MetricPointOut,
     ValidateOut,
 )
-from app.errors import BadRequest, NotFound
-from app.ids import is_id
+from app.errors import NotFound
+from app.job_deletion import delete_job
 from app.store import events, jobs
-from app.submission import check_spec, submit_job
+from app.store.jobs import Sort
+from app.submission import MAX_SOURCE_CHARS, SOURCES_HEADER, check_spec, submit_job
+from worker.engine.spec import MAX_TAGS, Label
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
 # The hot polls (GET /jobs/{id}, its metrics) authenticate inside the route, skipping
@@ -80,39 +85,59 @@ def submit(
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
+    sources: Annotated[
+        str | None,
+        Header(
+            alias=SOURCES_HEADER,
+            max_length=4 * MAX_SOURCE_CHARS,
+            description="Where the datasets came from, for the record: JSON "
+            '{"data.train": "local/path.npz"}, keyed by the JSON path of each dataset id',
+        ),
+    ] = None,
 ) -> JobOut:
-    return JobOut.of(submit_job(session, user.id, body, settings, dispatcher))
+    return JobOut.of(submit_job(session, user.id, body, settings, dispatcher, sources=sources))
 
 
 @router.get("", response_model=JobPage)
 def list_jobs(
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
+    project: Annotated[Label | None, Query(description="Only this project's jobs")] = None,
+    tag: Annotated[
+        list[Label] | None,
+        Query(max_length=MAX_TAGS, description="Jobs with this tag; repeated, with all of them"),
+    ] = None,
     status: Status | None = None,
+    name: Annotated[
+        str | None,
+        Query(min_length=1, max_length=200, description="A substring of the name, any case"),
+    ] = None,
+    sort: Annotated[
+        Sort, Query(description="created: by submission; best: by best monitored value")
+    ] = "created",
+    order: Annotated[
+        Literal["desc", "asc"] | None,
+        Query(description="Default: desc for created (newest first), asc for best (lowest first)"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobPage:
-    page, last = jobs.list_page(
-        session, user.id, status=status, limit=limit, before_id=_decode(cursor)
+    """Your jobs, filtered (filters combine with AND) and sorted, a page at a time."""
+    descending = (order or ("desc" if sort == "created" else "asc")) == "desc"
+    query = jobs.JobQuery(
+        project=project,
+        tags=tuple(tag or ()),
+        status=status,
+        name=name,
+        sort=sort,
+        descending=descending,
     )
-    return JobPage(jobs=[JobSummary.of(job) for job in page], next_cursor=_encode(last))
-
-
-def _encode(job_id: str | None) -> str | None:
-    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=") if job_id else None
-
-
-def _decode(cursor: str | None) -> str | None:
-    if not cursor:
-        return None
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        job_id = raw.decode("ascii")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        job_id = ""
-    if not is_id(job_id):
-        raise BadRequest("cursor: not a cursor this API returned")
-    return job_id
+    after = job_cursor.decode(cursor, sort, descending)
+    page, last = jobs.search(session, user.id, query, limit=limit, after=after)
+    return JobPage(
+        jobs=[JobSummary.of(job) for job in page],
+        next_cursor=job_cursor.encode(last, sort, descending),
+    )
 
 
 @shown.get("/{job_id}", response_model=JobOut, openapi_extra=BEARER)
@@ -125,6 +150,23 @@ async def get_job(request: Request, job_id: str) -> Response:
     if body is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
     return Response(body, media_type="application/json")
+
+
+@router.patch("/{job_id}", response_model=JobOut)
+def edit(job_id: str, body: JobEdit, user: CurrentUser, session: SessionDep) -> JobOut:
+    """Change a job's project, tags or note, in any state (keys left out are kept)."""
+    changes = body.model_dump(exclude_none=True)
+    return JobOut.of(jobs.edit(session, user.id, job_id, **changes))
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete(
+    job_id: str, user: CurrentUser, sessions: SessionsDep, artifacts: ArtifactsDep
+) -> Response:
+    """Delete a finished job with its metrics, events, logs and files (409 while it is
+    queued or running: cancel it first)."""
+    delete_job(sessions, artifacts, user.id, job_id)
+    return Response(status_code=204)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
@@ -175,14 +217,28 @@ async def metric_history(
     if from_step is not None and (since_step is None or from_step - 1 > since_step):
         since_step = from_step - 1  # from_step is inclusive, since_step exclusive
     histories = read_models(request).histories
-    range_ = {"names": names, "since_step": since_step, "until_step": until_step}
     columnar = shape == "columnar"
     if max_points is None:
-        stream = await histories.stream(job_id, user.id, **range_, columnar=columnar)
+        stream = await histories.stream(
+            job_id,
+            user.id,
+            names=names,
+            since_step=since_step,
+            until_step=until_step,
+            columnar=columnar,
+        )
         if stream is None:  # missing, or another user's: the same answer
             raise NotFound(f"no job {job_id!r}")
         return StreamingResponse(stream, media_type="application/json")
-    read = await histories.get(job_id, user.id, **range_, max_points=max_points, columnar=columnar)
+    read = await histories.get(
+        job_id,
+        user.id,
+        names=names,
+        since_step=since_step,
+        until_step=until_step,
+        max_points=max_points,
+        columnar=columnar,
+    )
     if read is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
     event_id, body = read

@@ -54,7 +54,9 @@ router = APIRouter(prefix="/worker", tags=["worker"], dependencies=[AttemptAuth]
 # Release authenticates on its own: a retry comes from an attempt no longer current.
 releases = APIRouter(prefix="/worker", tags=["worker"])
 
-DOWNLOAD = {200: {"content": {"application/octet-stream": {}}, "description": "The file"}}
+DOWNLOAD: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The file"}
+}
 SHA256_HEX = 64
 
 

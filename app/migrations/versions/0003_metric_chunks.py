@@ -110,7 +110,7 @@ def _revision_0002() -> Any:
     return module
 
 
-def _points_table() -> sa.Table:
+def _points_table() -> sa.TableClause:
     return sa.table(
         "metric_points",
         *(sa.column(c) for c in ("job_id", "name", "step", "epoch", "value", "time")),

@@ -1,4 +1,5 @@
-"""The CLI's HTTP client (`app.client.ApiClient`) against the real API over real HTTP."""
+"""Following a job's events with `torchyard.Client` against the real API over real HTTP:
+every event once, in order, across a dropped connection (Last-Event-ID)."""
 
 from __future__ import annotations
 
@@ -6,33 +7,20 @@ import contextlib
 import hashlib
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
-from app.client import ApiClient, ApiError
-from app.db import session_scope
-from app.store import users
-from tests.app.conftest import Server, claim, points
+import torchyard.events
+from tests.app.conftest import Server, claim, job_spec, npz_bytes, points
+from torchyard import ApiError, Client, Job, Unreachable
 
 # Each a line break to str.splitlines(), none to SSE (which breaks at CR and LF only).
 ODD_LINE = "loss\u2028ok\x85next\x1cfield\u2029end"
 
 
-@pytest.fixture
-def api(server: Server) -> Iterator[ApiClient]:
-    with session_scope(server.sessions) as session:
-        _, token = users.create_user_with_token(session, f"client-{id(session)}")
-    client = ApiClient(server.url, token)
-    yield client
-    client.close()
-
-
-def finished_job(server: Server, api: ApiClient, dataset_id: str) -> str:
+def finished_job(server: Server, api: Client, dataset_id: str) -> str:
     """A job with every kind of event: status, metrics, log, checkpoint, end."""
-    from tests.app.conftest import job_spec
-
-    job_id = api.submit(job_spec(dataset_id))["id"]
+    job_id = api.submit(job_spec(dataset_id)).id
     attempt = claim(server, job_id)
     attempt.post("metrics", {"points": points(1.0, 0.5)})
     attempt.post("logs", {"lines": ["epoch 0 done", ODD_LINE]})
@@ -46,17 +34,15 @@ def finished_job(server: Server, api: ApiClient, dataset_id: str) -> str:
 
 
 @pytest.fixture
-def dataset_id(server: Server, api: ApiClient, tmp_path) -> str:
-    from tests.app.conftest import npz_bytes
-
+def dataset_id(api: Client, tmp_path) -> str:
     path = tmp_path / "train.npz"
     path.write_bytes(npz_bytes())
-    return api.upload(path)["id"]
+    return api.datasets.upload(path)["id"]
 
 
 def test_events_give_id_name_and_data_of_each_event_until_end(server, api, dataset_id):
     job_id = finished_job(server, api, dataset_id)
-    events = list(api.events(job_id))
+    events = list(api.job(job_id).follow())
     assert [kind for _, kind, _ in events] == [
         "status",
         "status",
@@ -73,7 +59,7 @@ def test_events_give_id_name_and_data_of_each_event_until_end(server, api, datas
     assert events[3][2] == {"lines": ["epoch 0 done", ODD_LINE]}
     assert events[-1][2]["status"] == "succeeded"
     # resuming after an event gives exactly the rest
-    assert list(api.events(job_id, last_event_id=events[3][0])) == events[4:]
+    assert list(api.job(job_id).follow(last_event_id=events[3].id)) == events[4:]
 
 
 class CuttingProxy:
@@ -126,38 +112,38 @@ class CuttingProxy:
 
 
 def test_a_dropped_event_stream_resumes_with_last_event_id_losing_and_repeating_nothing(
-    server, api, dataset_id
+    server, api, token, dataset_id
 ):
     job_id = finished_job(server, api, dataset_id)
-    whole = list(api.events(job_id))
+    whole = list(api.job(job_id).follow())
     proxy = CuttingProxy(server.url, cut_after=3)
-    resumed = ApiClient(proxy.url, api.http.headers["Authorization"].removeprefix("Bearer "))
     try:
-        got = list(resumed.events(job_id))
+        with Client(proxy.url, token) as resumed:
+            job = resumed.job(job_id)  # its own connection, not cut
+            proxy.connections = 0
+            got = list(job.follow())
     finally:
-        resumed.close()
         proxy.close()
     assert proxy.connections == 2  # it was cut, and reopened once
     assert got == whole
 
 
 def test_events_of_a_missing_job_are_a_404_at_once_not_retried(api):
+    job = Job(api, {"id": "no-such-job", "status": "queued"})  # a handle on a job now gone
     with pytest.raises(ApiError) as caught:
-        list(api.events("no-such-job"))
+        list(job.follow())
     assert caught.value.status == 404
     assert caught.value.lines == ["no job 'no-such-job'"]
 
 
 def test_events_give_up_with_a_clear_error_when_the_api_is_gone(monkeypatch):
-    import app.client
-
-    monkeypatch.setattr(app.client, "GIVE_UP_S", 0.5)
-    monkeypatch.setattr(app.client, "RECONNECT_S", 0.1)
+    monkeypatch.setattr(torchyard.events, "GIVE_UP_S", 0.5)
+    monkeypatch.setattr(torchyard.events, "RECONNECT_S", 0.1)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
-        client = ApiClient(url, "t")
-        with pytest.raises(ApiError) as caught:
-            list(client.events("some-job"))
-    assert caught.value.status == 0
-    assert str(caught.value).startswith("HTTP 0: lost the event stream of job some-job:")
+        with Client(url, "t") as gone:
+            job = Job(gone, {"id": "some-job", "status": "running"})
+            with pytest.raises(Unreachable) as caught:
+                list(job.follow())
+    assert str(caught.value).startswith("lost the event stream of job some-job:")

@@ -1,0 +1,222 @@
+"""Data-parallel scaling on CPUs: the MLP benchmark trained by 1 process, then by 2 ranks.
+
+The workload is bench/engine_overhead.py's "mlp 200k x 64" (64 -> 256 -> 256 -> 10,
+global batch 512, Adam), trained by the engine as `torchyard train` runs it: one
+process, then two gloo ranks started by torch's elastic agent (worker.engine.launch),
+each rank one intra-op thread (so 1 core against 2). Throughput is the engine's own
+`samples_per_s` (global rows per epoch / epoch wall time), the median over the
+epochs after the first. Communication is timed by a DDP comm hook around the
+default allreduce: from a gradient bucket's launch to its completion, summed per
+step (it runs beside the rest of the backward, so part of it is hidden).
+
+    .venv/bin/python bench/ddp_scaling.py [--epochs 4] [--rows 200000] [--repeats 2]
+
+Goal: 2-process / 1-process throughput >= 1.7 (the limit is 2). On a machine whose
+cores are shared with other work the figure says as much about the neighbours:
+repeat it. Exits non-zero only on an error.
+
+On a machine with GPUs, `--gpus N` measures weak scaling instead: a wide MLP
+(1024 -> 4 x 4096 -> 10, 54M parameters: compute-bound) with a fixed batch per GPU,
+trained on 1 GPU and on N (NCCL, a rank per GPU); efficiency per added GPU is
+throughput(N) / (N x throughput(1)). Goal: >= 0.9.
+
+    .venv/bin/python bench/ddp_scaling.py --gpus 8 [--batch-per-gpu 2048] [--precision 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.engine_overhead import CASES, make_data, spec_for  # noqa: E402
+from worker.engine.callbacks import Callback  # noqa: E402
+from worker.engine.distributed import Ranks  # noqa: E402
+from worker.engine.launch import launch_ranks  # noqa: E402
+from worker.engine.spec import parse_spec  # noqa: E402
+from worker.engine.train import RunResult, iter_metrics, run_job  # noqa: E402
+
+CASE = "mlp 200k x 64"
+
+
+class CommClock(Callback):
+    """Times DDP's gradient allreduce per step with a comm hook; rank 0 writes the figure."""
+
+    name = "bench_comm_clock"
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.seconds: list[float] = []
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if trainer.ddp is None:
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        # No annotations: DDP checks the hook's, and these would be strings here.
+        def timed_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+
+            def done(fut: torch.futures.Future) -> torch.Tensor:
+                state.append(time.perf_counter() - started)
+                return fut.value()[0]
+
+            return default_hooks.allreduce_hook(None, bucket).then(done)
+
+        trainer.ddp.register_comm_hook(self.seconds, timed_allreduce)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if trainer.ranks.is_zero and trainer.step:
+            figures = {"comm_s_per_step": sum(self.seconds) / trainer.step, "steps": trainer.step}
+            self.out.write_text(json.dumps(figures))
+
+
+def rank_entry(doc: dict[str, Any], run_dir: str, comm_file: str) -> RunResult:
+    """One rank (spawned by the launcher: a module-level function)."""
+    return run_job(parse_spec(doc), Path(run_dir), callbacks=[CommClock(Path(comm_file))])
+
+
+def throughput(run_dir: Path) -> float:
+    samples = [p["value"] for p in iter_metrics(run_dir) if p["name"] == "samples_per_s"]
+    return statistics.median(samples[1:])  # the first epoch warms caches: not timed
+
+
+WIDE_MLP = {
+    "layers": [
+        {"type": "linear", "out_features": 4096},
+        {"type": "relu"},
+        {"type": "linear", "out_features": 4096},
+        {"type": "relu"},
+        {"type": "linear", "out_features": 4096},
+        {"type": "relu"},
+        {"type": "linear", "out_features": 4096},
+        {"type": "relu"},
+        {"type": "linear", "out_features": 10},
+    ],
+    "shape": (1024,),
+}
+
+
+def run(
+    doc: dict[str, Any], tmp: Path, name: str, processes: int, *, gpus: bool = False
+) -> dict[str, Any]:
+    run_dir, comm = tmp / name, tmp / f"{name}-comm.json"
+    doc = {**doc, "resources": {"gpus" if gpus else "processes": processes}}
+    if processes == 1:
+        result = run_job(parse_spec(doc), run_dir)
+    else:
+        result = launch_ranks(
+            rank_entry, (doc, str(run_dir), str(comm)), nproc=processes, run_dir=run_dir
+        )
+    if result.status != "succeeded":
+        raise SystemExit(f"{name} failed: {result.error}")
+    figures = json.loads(comm.read_text()) if comm.exists() else {"comm_s_per_step": 0.0}
+    return {
+        "samples_per_s": throughput(run_dir),
+        "ms_per_step": 1000
+        * statistics.median(
+            p["value"] for p in iter_metrics(run_dir) if p["name"] == "epoch_time_s"
+        )
+        / (result.steps / result.epochs_run),
+        "comm_ms_per_step": 1000 * figures["comm_s_per_step"],
+        "loss": result.final_metrics["loss"],
+    }
+
+
+def gpu_scaling(args: argparse.Namespace) -> int:
+    """Weak scaling on this machine's GPUs: the same batch per GPU on 1 GPU and on N."""
+    n = args.gpus
+    if torch.cuda.device_count() < n:
+        raise SystemExit(f"--gpus {n}: this machine has {torch.cuda.device_count()} GPU(s)")
+    steps = 30
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        figures = {}
+        for k in (1, n):
+            data = tmp / f"wide-{k}.npz"
+            make_data(data, args.batch_per_gpu * k * steps, WIDE_MLP["shape"])
+            doc = spec_for({**WIDE_MLP, "batch_size": args.batch_per_gpu * k}, data, args.epochs)
+            doc["training"].update(device="cuda", precision=args.precision)
+            doc["data"]["in_memory"] = "always"
+            figures[k] = run(doc, tmp, f"gpus-{k}", k, gpus=True)
+    one, many = figures[1], figures[n]
+    efficiency = many["samples_per_s"] / (n * one["samples_per_s"])
+    print(f"{'run':<12} {'samples/s':>10} {'ms/step':>8} {'allreduce ms/step':>17}")
+    for k, row in figures.items():
+        print(
+            f"{k} GPU(s)     {row['samples_per_s']:>10.0f} {row['ms_per_step']:>8.2f} "
+            f"{row['comm_ms_per_step']:>17.2f}"
+        )
+    print(
+        f"wide MLP (54M params), {args.batch_per_gpu} rows per GPU per step, precision "
+        f"{args.precision}, {torch.cuda.get_device_name(0)}; torch {torch.__version__}. "
+        f"Scaling efficiency {n} GPUs vs 1: {efficiency:.3f} (goal >= 0.9)"
+    )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first untimed)")
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=2, help="pairs of runs (1 then 2 ranks)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--gpus", type=int, help="weak scaling on this many GPUs instead")
+    parser.add_argument("--batch-per-gpu", type=int, default=2048)
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    args = parser.parse_args()
+    if args.gpus:
+        return gpu_scaling(args)
+    # One intra-op thread per process, the ranks' too (they inherit the environment).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    assert Ranks.from_env().world_size == 1, "run this script itself without a launcher"
+    case = CASES[CASE]
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = tmp / "mlp.npz"
+        make_data(data, args.rows, case["shape"])
+        doc = spec_for(case, data, args.epochs)
+        for repeat in range(args.repeats):
+            one = run(doc, tmp, f"one-{repeat}", 1)
+            two = run(doc, tmp, f"two-{repeat}", 2)
+            pairs.append(
+                {"one": one, "two": two, "ratio": two["samples_per_s"] / one["samples_per_s"]}
+            )
+    print(
+        f"{'run':<22} {'samples/s':>10} {'ms/step':>8} {'allreduce ms/step':>17} {'last loss':>10}"
+    )
+    for i, pair in enumerate(pairs):
+        for label, key in (("1 process (baseline)", "one"), ("2 ranks, gloo", "two")):
+            row = pair[key]
+            print(
+                f"{label:<22} {row['samples_per_s']:>10.0f} {row['ms_per_step']:>8.2f} "
+                f"{row['comm_ms_per_step']:>17.2f} {row['loss']:>10.5f}"
+            )
+        print(f"pair {i}: 2 ranks / 1 process throughput = {pair['ratio']:.3f}")
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"{CASE}, global batch {case['batch_size']}, {args.rows} rows, {args.epochs} epochs; "
+        f"torch {torch.__version__}, {cores} cores, 1 thread per process. "
+        f"2 ranks / 1 process throughput (median of {len(pairs)}): {ratio:.3f} (goal >= 1.7)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(pairs, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
