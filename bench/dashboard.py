@@ -19,7 +19,10 @@
    pages open, each in a browser context of its own (as tabs of separate windows: one
    browser's HTTP/1.1 pool holds 6 connections a host, and each page holds an SSE
    stream). The browser runs on this machine, so its CPU counts against training;
-   a real user's browser would not. Goal: <= 1.03.
+   a real user's browser would not. Opening a page is the costly part (~1.2 s of CPU
+   each: a browser context, the modules, the first draw; 10 take ~12 s of CPU), so the
+   blocks are long (40 s) and an epoch counts only from 20 s into its block: the figure
+   is the pages being open, not being opened. Goal: <= 1.03.
 
 3. Lag: every page records, for each SSE metrics event, the time from its arrival to
    the frame that drew it (`window.__tyLag`); the largest over all pages and blocks.
@@ -29,12 +32,13 @@ The service: Postgres (a fresh database), the filesystem broker, the API as
 `--processes` uvicorn processes, one real worker with torch on `--threads` threads.
 
     .venv/bin/python bench/dashboard.py [--points 1000000] [--loads 5]
-        [--pages 10] [--epochs 160] [--block-s 10] [--settle-s 2] [--skip-overhead]
+        [--pages 10] [--epochs 240] [--block-s 40] [--settle-s 20] [--skip-overhead]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -44,6 +48,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -247,6 +252,7 @@ def overhead(
         api_pids = [p.pid for p in served.procs]
         blocks: list[Block] = []
         worst_lag, lag_batches = 0.0, 0
+        browser_s = {False: 0.0, True: 0.0}  # Chromium's CPU (all its processes) by block kind
         while expect(user.get(f"/jobs/{job_id}"), 200)["status"] not in {
             "succeeded",
             "failed",
@@ -261,6 +267,7 @@ def overhead(
                     page = signed_in_page(browser, url, settings.token)
                     page.goto(f"/#/jobs/{job_id}")
                     pages.append(page)
+            browser_before = browser_cpu_seconds()
             while time.time() < block.start + args.block_s:
                 if pages:
                     pages[0].wait_for_timeout(200)  # lets the browser's events run
@@ -272,6 +279,7 @@ def overhead(
                 lag_batches += lag["batches"]
                 page.context.close()
             block.end = time.time()
+            browser_s[block.observed] += browser_cpu_seconds() - browser_before
             child.sample()
             block.api_cpu_s = sum(cpu_seconds(pid) for pid in api_pids) - api_before
             blocks.append(block)
@@ -300,13 +308,15 @@ def overhead(
                 len(times),
                 statistics.median(times) if times else "-",
                 sum(b.api_cpu_s for b in kind) / seconds,
+                browser_s[observed] / seconds,
             ]
         )
     print(
         f"\n2. one job of {args.epochs} epochs ({args.rows:,} rows), blocks of {args.block_s:g} s: "
-        f"unobserved, then {args.pages} job pages open (a browser context each), in turn"
+        f"unobserved, then {args.pages} job pages open (a browser context each), in turn; an epoch "
+        f"counts from {args.settle_s:g} s into its block"
     )
-    print_table(["blocks", "n", "epochs", "median epoch s", "API cpu/s"], rows)
+    print_table(["blocks", "n", "epochs", "median epoch s", "API cpu/s", "browser cpu/s"], rows)
     print(
         f"paired: observed block / its unobserved neighbours, mean of {len(ratios)} blocks "
         f"{statistics.fmean(ratios):.3f} (median {statistics.median(ratios):.3f}); 90% interval "
@@ -316,6 +326,17 @@ def overhead(
         f"\n3. lag, SSE metrics event arrival to its chart's frame: max {worst_lag:.0f} ms over "
         f"{lag_batches:,} batches on all pages (goal <= 1000 ms)"
     )
+
+
+def browser_cpu_seconds() -> float:
+    """CPU time of Chromium's processes (this process's descendants named chrom*)."""
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "chrom" in proc.name():
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
 
 
 def wait_done(user: httpx.Client, job_id: str, timeout_s: float = 300) -> None:
@@ -336,10 +357,10 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=1_000_000)
     parser.add_argument("--loads", type=int, default=5)
     parser.add_argument("--pages", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=160)
+    parser.add_argument("--epochs", type=int, default=240)
     parser.add_argument("--rows", type=int, default=40_000)
-    parser.add_argument("--block-s", type=float, default=10.0)
-    parser.add_argument("--settle-s", type=float, default=2.0)
+    parser.add_argument("--block-s", type=float, default=40.0)
+    parser.add_argument("--settle-s", type=float, default=20.0)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--database", choices=["postgres", "sqlite"], default="postgres")

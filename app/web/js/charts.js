@@ -126,7 +126,8 @@ export class MetricChart {
     const series = [{ label: this.view.x }];
     names.forEach((s) => {
       const color = COLORS[this.names.indexOf(s.name) % COLORS.length];
-      const few = (this.zoomStore ?? this.store).series.get(s.name)?.step.length < 60;
+      // dots only while a series is short (an epoch-level metric early in a run)
+      const few = (u, si) => u.data[si].length < 60;
       series.push({ label: s.raw ? `${s.name} (raw)` : s.name, stroke: color, width: s.raw ? 1 : 1.5,
         alpha: s.raw ? 0.3 : 1, spanGaps: true, points: { show: few, size: 5, fill: color } });
     });
@@ -134,7 +135,8 @@ export class MetricChart {
     this.plot = new uPlot({
       width, height: 240, series,
       scales: { x: { time: false }, y: { distr: this.view.log ? 3 : 1 } },
-      axes: [{ label: { step: "step", epoch: "epoch", time: "seconds" }[this.view.x] }, {}],
+      axes: [{ label: { step: "step", epoch: "epoch", time: "seconds" }[this.view.x] },
+        { size: (u, values) => Math.max(40, 12 + 7 * Math.max(0, ...(values ?? []).map((v) => String(v).length))) }],
       cursor: { drag: { x: true, y: false, setScale: true } },
       legend: { live: true },
       hooks: {

@@ -2,7 +2,7 @@
 
 import { api } from "./api.js";
 import { MetricChart, SeriesStore } from "./charts.js";
-import { bestText, h, statusBadge } from "./dom.js";
+import { bestText, clear, fmtNumber, h, statusBadge } from "./dom.js";
 
 const MAX_POINTS = 2000;
 
@@ -46,11 +46,15 @@ export async function renderCompare(root, ids) {
   picker.addEventListener("change", draw);
   await draw();
 
-  root.append(h("h2", {}, "Best values"),
-    h("table", { id: "compare-best" }, h("thead", {}, h("tr", {}, ["Job", "Status", "Best", "Final " + picker.value].map((t) => h("th", {}, t)))),
-      h("tbody", {}, jobs.map((j) => h("tr", {}, h("td", {}, h("a", { href: `#/jobs/${j.id}` }, label(j))),
-        h("td", {}, j.status ? statusBadge(j.status) : j.error), h("td", {}, bestText(j.best)),
-        h("td", {}, String(j.metrics?.[picker.value] ?? "–")))))));
+  const bestBox = h("div");
+  const bestTable = () => clear(bestBox).append(h("table", { id: "compare-best" },
+    h("thead", {}, h("tr", {}, ["Job", "Status", "Best", `Latest ${picker.value}`].map((t) => h("th", {}, t)))),
+    h("tbody", {}, jobs.map((j) => h("tr", {}, h("td", {}, h("a", { href: `#/jobs/${j.id}` }, label(j))),
+      h("td", {}, j.status ? statusBadge(j.status) : j.error), h("td", {}, bestText(j.best)),
+      h("td", {}, fmtNumber(j.metrics?.[picker.value])))))));
+  picker.addEventListener("change", bestTable);
+  bestTable();
+  root.append(h("h2", {}, "Best values"), bestBox);
 
   const diffs = specDifferences(jobs.map((j) => j.spec));
   root.append(h("h2", {}, "Spec differences"),

@@ -87,7 +87,7 @@ export async function renderJob(root, jobId, query = new URLSearchParams()) {
   const maxPoints = () => {
     if (query.get("points")) return Number(query.get("points"));
     const box = chartBox.clientWidth || 800;
-    const chartWidth = box / Math.max(1, Math.floor(box / 460)); // the grid's column width
+    const chartWidth = box / Math.max(1, Math.floor(box / 400)); // the grid's column width
     return Math.min(ZOOM_POINTS, Math.max(400, Math.round(chartWidth * 2)));
   };
 
