@@ -32,7 +32,7 @@ The service: Postgres (a fresh database), the filesystem broker, the API as
 `--processes` uvicorn processes, one real worker with torch on `--threads` threads.
 
     .venv/bin/python bench/dashboard.py [--points 1000000] [--loads 5]
-        [--pages 10] [--epochs 240] [--block-s 40] [--settle-s 20] [--skip-overhead]
+        [--pages 10] [--epochs 240] [--block-s 40] [--settle-s 20] [--skip-big] [--skip-overhead]
 """
 
 from __future__ import annotations
@@ -262,24 +262,24 @@ def overhead(
             api_before = sum(cpu_seconds(pid) for pid in api_pids)
             block = Block(observed=len(blocks) % 2 == 1, start=time.time())
             pages = []
+            browser_before = browser_cpu()
             if block.observed:
                 for _ in range(args.pages):
                     page = signed_in_page(browser, url, settings.token)
                     page.goto(f"/#/jobs/{job_id}")
                     pages.append(page)
-            browser_before = browser_cpu_seconds()
             while time.time() < block.start + args.block_s:
                 if pages:
                     pages[0].wait_for_timeout(200)  # lets the browser's events run
                 else:
                     time.sleep(0.2)
+            browser_s[block.observed] += grown(browser_before, browser_cpu())
             for page in pages:
                 lag = page.evaluate("() => window.__tyLag || {max: 0, batches: 0}")
                 worst_lag = max(worst_lag, lag["max"])
                 lag_batches += lag["batches"]
                 page.context.close()
             block.end = time.time()
-            browser_s[block.observed] += browser_cpu_seconds() - browser_before
             child.sample()
             block.api_cpu_s = sum(cpu_seconds(pid) for pid in api_pids) - api_before
             blocks.append(block)
@@ -328,15 +328,21 @@ def overhead(
     )
 
 
-def browser_cpu_seconds() -> float:
-    """CPU time of Chromium's processes (this process's descendants named chrom*)."""
-    total = 0.0
+def browser_cpu() -> dict[int, float]:
+    """CPU seconds of each of Chromium's processes (this process's descendants named
+    chrom*), by pid: a block's cost is the growth of each, a process new in the block
+    counting from 0 (read before its pages close: a closed page's process is gone)."""
+    found = {}
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if "chrom" in proc.name():
                 times = proc.cpu_times()
-                total += times.user + times.system
-    return total
+                found[proc.pid] = times.user + times.system
+    return found
+
+
+def grown(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 def wait_done(user: httpx.Client, job_id: str, timeout_s: float = 300) -> None:
@@ -365,6 +371,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--database", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args()
 
     playwright, browser = browser_and_playwright()
@@ -375,7 +382,8 @@ def main() -> int:
             migrate(url)
             env = {**settings.env(), "TORCHYARD_AUTO_GPU_WAIT_S": "0"}
             with Served("torchyard", processes=args.processes, env=env) as served:
-                big_series(served.url, settings, args, browser)
+                if not args.skip_big:
+                    big_series(served.url, settings, args, browser)
                 if not args.skip_overhead:
                     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
                     with Worker(settings, served.url, queues="cpu", extra_env=threads) as worker:

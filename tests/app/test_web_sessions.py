@@ -5,6 +5,7 @@ server. The page itself is served with a CSP that allows no inline script."""
 from __future__ import annotations
 
 import re
+import secrets
 
 import httpx
 
@@ -25,7 +26,7 @@ def user_token(server) -> str:
     from app.store import users
 
     with session_scope(server.sessions) as session:
-        _, token = users.create_user_with_token(session, f"web-{id(session)}")
+        _, token = users.create_user_with_token(session, f"web-{secrets.token_hex(4)}")
     return token
 
 

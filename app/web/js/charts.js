@@ -136,7 +136,7 @@ export class MetricChart {
       width, height: 240, series,
       scales: { x: { time: false }, y: { distr: this.view.log ? 3 : 1 } },
       axes: [{ label: { step: "step", epoch: "epoch", time: "seconds" }[this.view.x] },
-        { size: (u, values) => Math.max(40, 12 + 7 * Math.max(0, ...(values ?? []).map((v) => String(v).length))) }],
+        { size: (u, values) => Math.max(40, 16 + 8 * Math.max(0, ...(values ?? []).map((v) => String(v).length))) }],
       cursor: { drag: { x: true, y: false, setScale: true } },
       legend: { live: true },
       hooks: {

@@ -8,6 +8,7 @@ import { append, bestText, clear, fmtBytes, fmtDuration, fmtNumber, fmtTime, h, 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const LOG_LINES = 500;
 const JOB_REFRESH_MS = 5000; // at most this often while metrics stream in (progress, ETA)
+const DRAW_EVERY_MS = 500;
 
 export async function renderJob(root, jobId, query = new URLSearchParams()) {
   let job;
@@ -105,11 +106,16 @@ export async function renderJob(root, jobId, query = new URLSearchParams()) {
     else chartBox.querySelector("#no-metrics")?.remove();
   }
 
+  // At most one redraw each DRAW_EVERY_MS: a page left open on a job costs the machine
+  // little, and a chart is never more than that (and a frame) behind its stream.
+  let lastDraw = 0;
   function scheduleDraw() {
     if (drawScheduled) return;
     drawScheduled = true;
-    requestAnimationFrame(() => {
+    const wait = Math.max(0, lastDraw + DRAW_EVERY_MS - performance.now());
+    setTimeout(() => requestAnimationFrame(() => {
       drawScheduled = false;
+      lastDraw = performance.now();
       for (const chart of charts) chart.refresh();
       if (pendingSince !== null) {
         const lag = performance.now() - pendingSince;
@@ -117,7 +123,7 @@ export async function renderJob(root, jobId, query = new URLSearchParams()) {
         window.__tyLag.batches++;
         pendingSince = null;
       }
-    });
+    }), wait);
   }
 
   // the downsampled history and the id of the last event it holds
