@@ -65,6 +65,10 @@ class Settings(CommonSettings):
         description="How long an API process trusts a user token it verified (0: ask every time)",
     )
 
+    web_session_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="How long a dashboard sign-in lasts"
+    )
+
     orphan_grace_s: float = Field(
         default=3600,
         ge=0,

@@ -35,6 +35,12 @@ class Unauthorized(ServiceError):
     status_code = 401
 
 
+class Forbidden(ServiceError):
+    """Known caller, refused: a cookie request without its CSRF token."""
+
+    status_code = 403
+
+
 class BadRequest(ServiceError):
     status_code = 400
 

@@ -46,6 +46,7 @@ class Event:
 
 
 Polled = tuple[list[Event], str | None]  # events after a cursor, and the job's status
+PollKey = tuple[str, int, int]  # (job id, after id, metrics after id: see events.after)
 
 
 class EventPolls:
@@ -54,32 +55,33 @@ class EventPolls:
     def __init__(self, sessions: Sessions, poll_s: float = POLL_S):
         self.sessions = sessions
         self.poll_s = poll_s
-        self._polls: Coalesced[tuple[str, int], Polled] = Coalesced(
-            self._fetch, in_flight=1, gather=True
-        )
+        self._polls: Coalesced[PollKey, Polled] = Coalesced(self._fetch, in_flight=1, gather=True)
 
-    async def poll(self, job_id: str, after_id: int) -> Polled:
-        polled = await self._polls.get((job_id, after_id))
+    async def poll(self, job_id: str, after_id: int, metrics_after: int = 0) -> Polled:
+        # once the cursor is past metrics_after it no longer matters: keys meet again
+        skip = metrics_after if metrics_after > after_id else 0
+        polled = await self._polls.get((job_id, after_id, skip))
         assert polled is not None
         return polled
 
     async def until_next_tick(self) -> None:
         await anyio.sleep(self.poll_s - time.monotonic() % self.poll_s)
 
-    async def _fetch(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Polled]:
+    async def _fetch(self, keys: list[PollKey]) -> dict[PollKey, Polled]:
         return await run_in_threadpool(_poll_many, self.sessions, keys)
 
 
-def _poll_many(sessions: Sessions, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Polled]:
+def _poll_many(sessions: Sessions, keys: list[PollKey]) -> dict[PollKey, Polled]:
     with session_scope(sessions) as session:
         statuses: dict[str, str | None] = {}
-        out: dict[tuple[str, int], Polled] = {}
-        for job_id, after_id in keys:
+        out: dict[PollKey, Polled] = {}
+        for job_id, after_id, metrics_after in keys:
             if job_id not in statuses:
                 job = session.get(Job, job_id)
                 statuses[job_id] = job.status if job else None
-            rows = events.after(session, job_id, after_id, BATCH)
-            out[(job_id, after_id)] = (_expanded(session, job_id, rows), statuses[job_id])
+            rows = events.after(session, job_id, after_id, BATCH, metrics_after)
+            polled = (_expanded(session, job_id, rows), statuses[job_id])
+            out[(job_id, after_id, metrics_after)] = polled
         return out
 
 
@@ -97,16 +99,18 @@ def _expanded(session: Session, job_id: str, rows: list[JobEvent]) -> list[Event
     return out
 
 
-async def follow(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIterator[list[Event]]:
-    """Events with id > after_id, live, a poll's at a time, ending with `end` once the job
-    is in a terminal state.
+async def follow(
+    polls: EventPolls, job_id: str, after_id: int = 0, metrics_after: int = 0
+) -> AsyncIterator[list[Event]]:
+    """Events with id > after_id (metrics events only past metrics_after), live, a poll's
+    at a time, ending with `end` once the job is in a terminal state.
 
     Yields an empty list after each poll that found nothing, so the caller can keep the
     line alive. A full batch (a client catching up) is followed by the next at once;
     otherwise the next poll waits for the next tick.
     """
     while True:
-        batch, status = await polls.poll(job_id, after_id)
+        batch, status = await polls.poll(job_id, after_id, metrics_after)
         for n, event in enumerate(batch):
             if event.kind == "end":
                 yield batch[: n + 1]
@@ -125,11 +129,13 @@ async def follow(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIter
         await polls.until_next_tick()
 
 
-async def sse_frames(polls: EventPolls, job_id: str, after_id: int = 0) -> AsyncIterator[bytes]:
+async def sse_frames(
+    polls: EventPolls, job_id: str, after_id: int = 0, metrics_after: int = 0
+) -> AsyncIterator[bytes]:
     """The job's events as SSE frames, a poll's in one write, with a keepalive comment on
     a quiet line."""
     quiet_since = time.monotonic()
-    async for batch in follow(polls, job_id, after_id):
+    async for batch in follow(polls, job_id, after_id, metrics_after):
         if batch:
             quiet_since = time.monotonic()
             yield b"".join(event.frame for event in batch)

@@ -79,7 +79,9 @@ class MetricHistories:
         self._read_sessions = read_sessions
         self._most_kept = kept
         self._kept: dict[HistoryKey, tuple[int, bytes]] = {}
-        self._batches: Coalesced[HistoryKey, bytes] = Coalesced(self._fetch, in_flight=2)
+        self._batches: Coalesced[HistoryKey, tuple[int, bytes]] = Coalesced(
+            self._fetch, in_flight=2
+        )
 
     async def get(
         self,
@@ -91,9 +93,11 @@ class MetricHistories:
         max_points: int,
         until_step: int | None = None,
         columnar: bool = False,
-    ) -> bytes | None:
-        """The downsampled history as JSON (`names`: comma-separated, all when absent);
-        None if the job is missing or another user's."""
+    ) -> tuple[int, bytes] | None:
+        """(the id of the job's latest event when it was read, the downsampled history as
+        JSON) (`names`: comma-separated, all when absent); None if the job is missing or
+        another user's. Events after that id hold only what the history may lack: a
+        watcher reads the history, then follows the events from there."""
         if not is_id(job_id):
             return None
         key = (job_id, user_id, wanted_names(names), since_step, max_points, until_step, columnar)
@@ -124,10 +128,10 @@ class MetricHistories:
             columnar=columnar,
         )
 
-    async def _fetch(self, keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
+    async def _fetch(self, keys: list[HistoryKey]) -> dict[HistoryKey, tuple[int, bytes]]:
         return await run_in_threadpool(self._read, keys)
 
-    def _read(self, keys: list[HistoryKey]) -> dict[HistoryKey, bytes]:
+    def _read(self, keys: list[HistoryKey]) -> dict[HistoryKey, tuple[int, bytes]]:
         with session_scope(self._sessions) as session:
             found = jobs.owners(session, sorted({key[0] for key in keys}))
             out = {}
@@ -138,7 +142,7 @@ class MetricHistories:
                     continue
                 hit = self._kept.get(key)
                 if hit is not None and hit[0] == version:
-                    out[key] = hit[1]
+                    out[key] = hit
                     continue
                 history = metrics.history(
                     session,
@@ -148,10 +152,11 @@ class MetricHistories:
                     until_step=until_step,
                     max_points=max_points,
                 )
-                out[key] = orjson.dumps(metrics.columnar(history) if columnar else history)
+                body = orjson.dumps(metrics.columnar(history) if columnar else history)
+                out[key] = (version, body)
                 if len(self._kept) >= self._most_kept:
                     self._kept.clear()
-                self._kept[key] = (version, out[key])
+                self._kept[key] = out[key]
             return out
 
 

@@ -15,7 +15,17 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits
-from app.api.routes import checkpoints, datasets, events, health, jobs, projects, usage, worker
+from app.api.routes import (
+    checkpoints,
+    datasets,
+    events,
+    health,
+    jobs,
+    projects,
+    session,
+    usage,
+    worker,
+)
 from app.api.schemas import ERROR_RESPONSES, JobOut
 from app.api.token_cache import TokenCache
 from app.artifacts import ArtifactStore
@@ -38,12 +48,15 @@ from app.store import users
 from app.submission import preload
 from app.sweep import sweep
 from app.telemetry import LatencyMiddleware, Telemetry
+from app.web_pages import mount_web
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Submit PyTorch training jobs as JSON specs, follow them, download their weights.
 
-Every endpoint but health needs `Authorization: Bearer <token>`."""
+Every endpoint but health needs `Authorization: Bearer <token>`, or the dashboard's
+session cookie (`POST /api/v1/session`); with the cookie, a request that changes
+state also needs the session's `X-CSRF-Token` header."""
 
 
 def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> FastAPI:
@@ -96,6 +109,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     install_error_handlers(app)
     app.include_router(health.router, prefix=API_PREFIX)
     for router in (
+        session.router,
         jobs.shown,
         datasets.router,
         jobs.router,
@@ -111,6 +125,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.include_router(worker.releases, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     # the conventional unprefixed probes, for load balancers and Prometheus
     app.include_router(health.router, include_in_schema=False)
+    mount_web(app)  # the dashboard at /
 
     app.add_middleware(BodyLimits, settings=settings, prefix=API_PREFIX)
     app.add_middleware(LatencyMiddleware, telemetry=telemetry, prefix=API_PREFIX)

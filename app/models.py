@@ -99,6 +99,20 @@ class Token(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class WebSession(Base):
+    """A dashboard sign-in: the browser holds the raw session id in an HttpOnly cookie;
+    only its sha256 is stored (app/store/web_sessions.py)."""
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # sent back by the page in X-CSRF-Token on every state-changing request
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
 

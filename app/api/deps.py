@@ -16,13 +16,21 @@ from app.artifacts import ArtifactStore
 from app.config import Settings
 from app.db import Sessions, session_scope
 from app.dispatch import Dispatcher
-from app.errors import NotFound, Unauthorized
+from app.errors import Forbidden, NotFound, Unauthorized
 from app.ids import hash_token
 from app.job_reads import ReadModels
 from app.models import Job
-from app.store import attempts, jobs, users
+from app.store import attempts, jobs, users, web_sessions
 from app.store.attempts import AttemptRef
 from app.store.users import UserRef
+from app.store.web_sessions import SessionRef
+
+# The dashboard's sign-in (app/api/routes/session.py): the cookie holds a random
+# session id; requests that change state must also send the session's CSRF token.
+SESSION_COOKIE = "torchyard_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MISSING_CREDENTIALS = "missing bearer token (Authorization: Bearer <token>)"
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` in the
 # thread pool, and a thread hop costs more than reading an attribute.
@@ -91,7 +99,7 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
-        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        raise Unauthorized(MISSING_CREDENTIALS)
     return credentials.credentials
 
 
@@ -100,15 +108,21 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 async def _current_user(request: Request, credentials: Credentials) -> UserRef:
-    """The token's user: from this process's token cache, else from the database."""
+    """The token's user (from this process's token cache, else from the database), or
+    without a bearer token, the signed-in user of the dashboard's session cookie."""
+    if credentials is None and "authorization" not in request.headers:
+        return await cookie_user(request)
     return await _user_of(request, _token(credentials))
 
 
 async def authenticate(request: Request) -> UserRef:
     """`CurrentUser` without FastAPI's dependency solving, for the hottest route.
 
-    Reads `Authorization: Bearer <token>` as HTTPBearer does (scheme case-insensitive).
+    Reads `Authorization: Bearer <token>` as HTTPBearer does (scheme case-insensitive);
+    without that header, the session cookie (EventSource cannot set headers).
     """
+    if "authorization" not in request.headers:
+        return await cookie_user(request)
     return await _user_of(request, bearer_token(request))
 
 
@@ -117,8 +131,38 @@ def bearer_token(request: Request) -> str:
     case-insensitive), for routes that authenticate themselves."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        raise Unauthorized(MISSING_CREDENTIALS)
     return token.strip()
+
+
+async def cookie_user(request: Request) -> UserRef:
+    """The session cookie's user; a request that changes state must carry the session's
+    CSRF token too (a cookie is sent by whatever page made the request; the header only
+    by our own page, which alone can read the token)."""
+    ref = await web_session(request)
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), ref.csrf_token.encode()):
+            raise Forbidden(f"a request signed in by cookie needs header {CSRF_HEADER}")
+    return ref.user
+
+
+async def web_session(request: Request) -> SessionRef:
+    """The live session of the request's cookie (401 without one). Not cached, unlike
+    tokens: signing out ends a session at once on every API process."""
+    raw = request.cookies.get(SESSION_COOKIE)
+    if not raw:
+        raise Unauthorized(MISSING_CREDENTIALS)
+    sessions = request.app.state.read_sessions
+    ref = await run_in_threadpool(_session_for_id, sessions, hash_token(raw))
+    if ref is None:
+        raise Unauthorized("session ended or expired: sign in again")
+    return ref
+
+
+def _session_for_id(sessions: Sessions, id_hash: str) -> SessionRef | None:
+    with session_scope(sessions) as session:
+        return web_sessions.resolve(session, id_hash)
 
 
 async def _user_of(request: Request, token: str) -> UserRef:

@@ -104,9 +104,16 @@ class JobSummary(BaseModel):
     project: str
     tags: list[str]
     note: str
+    progress: ProgressOut | None
+    best: BestOut | None
 
     @classmethod
     def fields_of(cls, job: Job | Row[Any]) -> dict[str, Any]:
+        best = None
+        if job.best_epoch is not None or job.best_value is not None:
+            best = BestOut(
+                epoch=job.best_epoch, monitor=job.best_monitor, value=finite(job.best_value)
+            )
         return {
             "id": job.id,
             "name": job.name,
@@ -121,6 +128,12 @@ class JobSummary(BaseModel):
             "project": job.project,
             "tags": job.tags,
             "note": job.note,
+            "progress": ProgressOut(
+                **{k: v for k, v in job.progress.items() if k in ProgressOut.model_fields}
+            )
+            if job.progress
+            else None,
+            "best": best,
         }
 
     @classmethod
@@ -130,11 +143,13 @@ class JobSummary(BaseModel):
 
 class JobOut(JobSummary):
     max_restarts: int
-    progress: ProgressOut | None
     metrics: dict[str, float | None]
-    best: BestOut | None
     stopped_early: bool
     stop_reason: str | None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="The run's result once finished (epochs run, steps, final metrics)",
+    )
     spec: dict[str, Any]
     dataset_sources: dict[str, str] = Field(
         description="Where each dataset came from, by its JSON path in the spec, as the "
@@ -148,23 +163,13 @@ class JobOut(JobSummary):
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
         """From the ORM row or from `app.store.jobs.shown_by_id` (the same attribute names)."""
-        best = None
-        if job.best_epoch is not None or job.best_value is not None:
-            best = BestOut(
-                epoch=job.best_epoch, monitor=job.best_monitor, value=finite(job.best_value)
-            )
         return cls(
             **cls.fields_of(job),
             max_restarts=job.max_restarts,
-            progress=ProgressOut(
-                **{k: v for k, v in job.progress.items() if k in ProgressOut.model_fields}
-            )
-            if job.progress
-            else None,
             metrics=latest_values(job),
-            best=best,
             stopped_early=job.stopped_early,
             stop_reason=job.stop_reason,
+            result=job.result,
             spec=job.spec,
             dataset_sources=(job.fields or {}).get("sources", {}),
             disk_bytes=job.disk_bytes or 0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from app.models import JobEvent
@@ -26,14 +26,15 @@ def append(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> Jo
     return event
 
 
-def after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
-    stmt = (
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
-        .order_by(JobEvent.id)
-        .limit(limit)
-    )
-    return list(session.execute(stmt).scalars())
+def after(
+    session: Session, job_id: str, after_id: int, limit: int = 500, metrics_after: int = 0
+) -> list[JobEvent]:
+    """Events with id > after_id, but metrics events only with id > metrics_after (a
+    watcher that read the history up to there skips them here, not after reading them)."""
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+    if metrics_after > after_id:
+        stmt = stmt.where(or_(JobEvent.kind != "metrics", JobEvent.id > metrics_after))
+    return list(session.execute(stmt.order_by(JobEvent.id).limit(limit)).scalars())
 
 
 def last_id(session: Session, job_id: str) -> int:

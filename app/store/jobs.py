@@ -88,6 +88,7 @@ SHOWN = (
     "cancel_requested",
     "error",
     "progress",
+    "result",
     "latest_metrics",
     "best_epoch",
     "best_monitor",
@@ -207,6 +208,10 @@ LISTED = (
     "tags",
     "note",
     "best_value",
+    # the dashboard's table: epoch x/y, ETA and the best (a small JSON and two columns)
+    "progress",
+    "best_epoch",
+    "best_monitor",
 )
 
 

@@ -121,7 +121,7 @@ def test_the_server_stops_polling_when_the_client_goes_away(server, user, queued
     real_poll = stream._poll_many
 
     def counting_poll(sessions, keys):
-        polls.extend(job_id for job_id, _ in keys)
+        polls.extend(job_id for job_id, _, _ in keys)
         return real_poll(sessions, keys)
 
     monkeypatch.setattr(stream, "_poll_many", counting_poll)
@@ -168,7 +168,7 @@ def test_watchers_of_a_job_share_one_poll_a_tick_and_each_gets_every_event(
     ticks = (time.monotonic() - started) / 0.25  # a loaded machine may oversleep
     # one poll a tick (every 0.25 s) for the twelve, each at the same cursor: one key
     assert 2 <= len(measured) <= ticks + 2, (len(measured), ticks)
-    assert all(keys == [(queued_job["id"], keys[0][1])] for keys in measured), measured
+    assert all(keys == [(queued_job["id"], keys[0][1], 0)] for keys in measured), measured
     run_to_the_end(server, queued_job["id"])
     for thread in threads:
         thread.join(timeout=20)

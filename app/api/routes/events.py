@@ -63,6 +63,15 @@ async def job_events(
         int | None,
         Query(ge=0, le=MAX_INT64, description="Like Last-Event-ID, for clients that cannot set it"),
     ] = None,
+    metrics_after: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_INT64,
+            description="Skip metrics events up to this id: the X-Last-Event-Id of a "
+            "GET /jobs/{id}/metrics answer already read (the other events still come from the start)",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """`status`, `metrics`, `checkpoint`, `log` events as stored; `end` after a terminal status.
 
@@ -77,7 +86,7 @@ async def job_events(
     resume = resume_after(last_event_id)
     start = after or resume or 0
     return StreamingResponse(
-        sse_frames(reads.events, job_id, start),
+        sse_frames(reads.events, job_id, start, metrics_after or 0),
         media_type="text/event-stream",
         headers=STREAM_HEADERS,
     )

@@ -44,6 +44,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
 # the dependency machinery (see get_job); they are documented as the others.
 shown = APIRouter(prefix="/jobs", tags=["jobs"])
 BEARER: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
+LAST_EVENT = "X-Last-Event-Id"
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -209,7 +210,9 @@ async def metric_history(
 ) -> Response:
     """What a dashboard polls, with GET /jobs/{id}: reads made at the same moment with the
     same question share one read and one rendering. Without max_points the whole
-    history is streamed, encoded as it is read."""
+    history is streamed, encoded as it is read. With max_points the answer's
+    `X-Last-Event-Id` header is the id of the job's latest event when it was read: the
+    events after it (GET /jobs/{id}/events?after=...) carry what it may lack."""
     user = await authenticate(request)
     if from_step is not None and (since_step is None or from_step - 1 > since_step):
         since_step = from_step - 1  # from_step is inclusive, since_step exclusive
@@ -227,7 +230,7 @@ async def metric_history(
         if stream is None:  # missing, or another user's: the same answer
             raise NotFound(f"no job {job_id!r}")
         return StreamingResponse(stream, media_type="application/json")
-    body = await histories.get(
+    read = await histories.get(
         job_id,
         user.id,
         names=names,
@@ -236,9 +239,11 @@ async def metric_history(
         max_points=max_points,
         columnar=columnar,
     )
-    if body is None:  # missing, or another user's: the same answer
+    if read is None:  # missing, or another user's: the same answer
         raise NotFound(f"no job {job_id!r}")
-    return Response(body, media_type="application/json")
+    event_id, body = read
+    # where a watcher picks up GET /jobs/{id}/events?after=<it> (the dashboard's charts)
+    return Response(body, media_type="application/json", headers={LAST_EVENT: str(event_id)})
 
 
 @router.get("/{job_id}/logs", response_model=LogsOut)
