@@ -156,7 +156,9 @@ def _print_job(job: dict[str, Any]) -> None:
         line += "  " + " ".join(f"#{t}" for t in job["tags"])
     best = job.get("best") or {}
     if best.get("epoch") is not None:
-        line += f"  best {best['monitor']} = {best['value']:.6g} at epoch {best['epoch']}"
+        # a value may be missing (not finite, or not reported yet): the epoch still shows
+        value = "?" if best.get("value") is None else f"{best['value']:.6g}"
+        line += f"  best {best['monitor']} = {value} at epoch {best['epoch']}"
     if job.get("stopped_early"):
         line += f"  stopped early: {job.get('stop_reason')}"
     if job.get("error"):
