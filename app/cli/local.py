@@ -289,7 +289,7 @@ def _print_result(result: Any, out: Path) -> None:
         err.print(f"[red]failed:[/red] {result.error}", highlight=False)
         return
     line = f"{result.status}: {result.epochs_run} epochs, {result.steps} steps"
-    if result.best_epoch is not None:
+    if result.best_epoch is not None and result.best_value is not None:
         line += f"; best {result.monitor} = {result.best_value:.6g} at epoch {result.best_epoch}"
     if result.stopped_early:
         line += f"; stopped early: {result.stop_reason}"

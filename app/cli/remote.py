@@ -193,7 +193,8 @@ def status(job_id: str) -> None:
             highlight=False,
         )
     for name, value in sorted((job.get("metrics") or {}).items()):
-        console.print(f"  {name} = {value:.6g}", highlight=False)
+        shown = "nan" if value is None else f"{value:.6g}"  # the API shows NaN/inf as null
+        console.print(f"  {name} = {shown}", highlight=False)
     for where, source in sorted((job.get("dataset_sources") or {}).items()):
         console.print(f"  {where} from {source}", highlight=False)
     if job.get("note"):
