@@ -113,14 +113,7 @@ def test_jobs_cancel_metrics_download_through_the_client(sqlite_server, env, tmp
 # ------------------------------------------------- projects, tags, notes (issue 13, part 3)
 
 
-@pytest.fixture
-def labels_api(sqlite_server: Server) -> None:
-    """The API side of projects and tags lands separately: these run once the server has it."""
-    if "/api/v1/projects" not in sqlite_server.app.openapi()["paths"]:
-        pytest.skip("the API has no /projects yet (issue 13 part 3, API side)")
-
-
-def test_submit_labels_list_by_project_tag_and_note(labels_api, env, tmp_path):
+def test_submit_labels_list_by_project_tag_and_note(env, tmp_path):
     spec_path = write_local_spec(tmp_path)
     as_written = spec_path.read_bytes()
     labelled = submitted(
@@ -161,9 +154,7 @@ def test_submit_labels_list_by_project_tag_and_note(labels_api, env, tmp_path):
     assert "note: second thoughts" in torchyard("status", labelled, env=env).stdout
 
 
-def test_rm_deletes_finished_jobs_and_refuses_a_queued_one(
-    labels_api, sqlite_server, env, tmp_path
-):
+def test_rm_deletes_finished_jobs_and_refuses_a_queued_one(sqlite_server, env, tmp_path):
     spec_path = write_local_spec(tmp_path)
     done = submitted(torchyard("submit", str(spec_path), env=env))
     queued = submitted(torchyard("submit", str(spec_path), env=env))
