@@ -150,13 +150,15 @@ def _advance_progress(job: Job, newest: Point) -> None:
         job.progress = progress
 
 
-def release_attempt(session: Session, dispatcher: Dispatcher, ref: AttemptRef, reason: str) -> Job:
+def release_attempt(
+    session: Session, dispatcher: Dispatcher, ref: AttemptRef, reason: str, *, lost: bool = False
+) -> Job:
     """The worker stops before the job ends: requeue it now and wake a worker after commit.
 
     Without the wake-up the job would wait for the reconciler's re-send of lost
     messages (`requeue_after_s`); with it, a worker resumes it at once.
     """
-    released = attempts.release(session, ref, reason[:200])
+    released = attempts.release(session, ref, reason[:200], lost=lost)
     if released.requeued:
         for _ in range(nodes_of(released.job)):  # a gang: a wake-up for each worker
             send_after_commit(session, dispatcher, released.job.id, released.job.queue)

@@ -9,11 +9,17 @@ epochs after the first. Communication is timed by a DDP comm hook around the
 default allreduce: from a gradient bucket's launch to its completion, summed per
 step (it runs beside the rest of the backward, so part of it is hidden).
 
-    .venv/bin/python bench/ddp_scaling.py [--epochs 4] [--rows 200000] [--repeats 2]
+    .venv/bin/python bench/ddp_scaling.py [--epochs 4] [--rows 200000] [--repeats 2] [--batch 512]
 
 Goal: 2-process / 1-process throughput >= 1.7 (the limit is 2). On a machine whose
 cores are shared with other work the figure says as much about the neighbours:
 repeat it. Exits non-zero only on an error.
+
+It also measures the floor the machine sets: a bare gloo allreduce of the model's
+gradients (one flat tensor of its parameter count) between two processes of one
+thread, in a tight loop, and the best ratio that allows, t1 / (t1 / 2 + allreduce)
+(the compute halved exactly, the last bucket's allreduce not hidden). `--batch`
+changes the global batch, to show where the run stops being bound by it.
 
 On a machine with GPUs, `--gpus N` measures weak scaling instead: a wide MLP
 (1024 -> 4 x 4096 -> 10, 54M parameters: compute-bound) with a fixed batch per GPU,
@@ -85,6 +91,59 @@ class CommClock(Callback):
 def rank_entry(doc: dict[str, Any], run_dir: str, comm_file: str) -> RunResult:
     """One rank (spawned by the launcher: a module-level function)."""
     return run_job(parse_spec(doc), Path(run_dir), callbacks=[CommClock(Path(comm_file))])
+
+
+def allreduce_floor(numel: int, port_file: str, out_file: str, rank: int) -> None:
+    """One process of the bare allreduce timing (spawned: a module-level function)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True)
+        Path(port_file).write_text(str(store.port))
+    else:
+        while not Path(port_file).exists() or not Path(port_file).read_text():
+            time.sleep(0.01)
+        store = dist.TCPStore("127.0.0.1", int(Path(port_file).read_text()), 2, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    grads = torch.randn(numel)
+    for _ in range(50):
+        dist.all_reduce(grads)
+    times = []
+    for _ in range(400):
+        started = time.perf_counter()
+        dist.all_reduce(grads)
+        times.append(time.perf_counter() - started)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"median_s": statistics.median(times)}))
+    dist.destroy_process_group()
+
+
+def bare_allreduce_ms(numel: int, tmp: Path) -> float:
+    import torch.multiprocessing as mp
+
+    port, out = tmp / "floor-port", tmp / "floor.json"
+    context = mp.get_context("spawn")
+    procs = [
+        context.Process(target=allreduce_floor, args=(numel, str(port), str(out), rank))
+        for rank in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(300)
+        if proc.exitcode != 0:
+            raise SystemExit(f"the bare allreduce failed (exit code {proc.exitcode})")
+    return 1000 * json.loads(out.read_text())["median_s"]
+
+
+def parameter_count(doc: dict[str, Any], data: Path) -> int:
+    from worker.engine.build import build_model
+    from worker.engine.data import describe, resolve_fields
+
+    spec = parse_spec(doc)
+    inputs, targets = resolve_fields(spec.data, describe(data).fields)
+    return sum(p.numel() for p in build_model(spec, inputs, targets).module.parameters())
 
 
 def throughput(run_dir: Path) -> float:
@@ -171,6 +230,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first untimed)")
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=2, help="pairs of runs (1 then 2 ranks)")
+    parser.add_argument("--batch", type=int, help="global batch (default: the benchmark's 512)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--gpus", type=int, help="weak scaling on this many GPUs instead")
     parser.add_argument("--batch-per-gpu", type=int, default=2048)
@@ -182,7 +242,9 @@ def main() -> int:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     assert Ranks.from_env().world_size == 1, "run this script itself without a launcher"
-    case = CASES[CASE]
+    case = dict(CASES[CASE])
+    if args.batch:
+        case["batch_size"] = args.batch
     pairs = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -195,6 +257,8 @@ def main() -> int:
             pairs.append(
                 {"one": one, "two": two, "ratio": two["samples_per_s"] / one["samples_per_s"]}
             )
+        numel = parameter_count(doc, data)
+        floor_ms = bare_allreduce_ms(numel, tmp)
     print(
         f"{'run':<22} {'samples/s':>10} {'ms/step':>8} {'allreduce ms/step':>17} {'last loss':>10}"
     )
@@ -213,8 +277,15 @@ def main() -> int:
         f"torch {torch.__version__}, {cores} cores, 1 thread per process. "
         f"2 ranks / 1 process throughput (median of {len(pairs)}): {ratio:.3f} (goal >= 1.7)"
     )
+    one_ms = statistics.median(p["one"]["ms_per_step"] for p in pairs)
+    ceiling = one_ms / (one_ms / 2 + floor_ms)
+    print(
+        f"floor: a bare gloo allreduce of {numel:,} floats (the gradients) between 2 processes "
+        f"takes {floor_ms:.2f} ms (median of 400) against {one_ms:.2f} ms for a whole step of "
+        f"1 process: 2 ranks can reach at most {ceiling:.2f} here"
+    )
     if args.json:
-        args.json.write_text(json.dumps(pairs, indent=2))
+        args.json.write_text(json.dumps({"pairs": pairs, "floor_ms": floor_ms}, indent=2))
     return 0
 
 

@@ -128,12 +128,16 @@ class WorkerClient:
             json={"status": status, "result": result},
         )
 
-    def release(self, job_id: str, reason: str, *, timeout: float | None = None) -> None:
-        """Hand the job back (this worker is stopping): queued now, resumed by the next one."""
+    def release(
+        self, job_id: str, reason: str, *, lost: bool = False, timeout: float | None = None
+    ) -> None:
+        """Hand the job back (this worker is stopping): queued now, resumed by the next one.
+
+        `lost`: the attempt was lost (a rank or node died): a restart, as for a lost worker."""
         self._request(
             "POST",
             f"/api/v1/worker/jobs/{job_id}/release",
-            json={"reason": reason},
+            json={"reason": reason, "lost": lost},
             **({"timeout": timeout} if timeout is not None else {}),
         )
 

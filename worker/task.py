@@ -389,6 +389,10 @@ def _watch(
         uploader.drain(timeout=0.2)
     if uploader.stale:
         return "stale"
+    if status == "failed" and result.get("lost"):
+        # A rank or node of the run died: the attempt is lost, not the job failed. The
+        # job restarts (within max_restarts) from the last checkpoint delivered above.
+        return _lose(api, claim.job_id, str(result.get("error") or "a rank was lost"), deadline)
     return _finish(api, claim.job_id, status, result, deadline)
 
 
@@ -429,7 +433,34 @@ def _finish(
     deadline: float | None = None,
 ) -> str:
     deadline = deadline or time.monotonic() + FINISH_RETRY_S
-    retrying = tenacity.Retrying(
+    try:
+        _retrying(deadline)(api.finish, job_id, status, result)
+        return status
+    except StaleAttempt:
+        return "stale"
+    except ApiUnavailable:
+        log.error("job %s: API unreachable; leaving it to the lease reconciler", job_id)
+        return "unreported"
+
+
+def _lose(api: WorkerClient, job_id: str, reason: str, deadline: float) -> str:
+    """Report the attempt lost: the API restarts the job (or fails it past max_restarts)."""
+    try:
+        _retrying(deadline)(api.release, job_id, reason[:200], lost=True)
+    except StaleAttempt:
+        return "stale"
+    except ApiUnavailable:
+        log.error("job %s: API unreachable; leaving it to the lease reconciler", job_id)
+        return "unreported"
+    log.warning(
+        "job %s: attempt lost (%s); the job restarts from its last checkpoint", job_id, reason
+    )
+    return "lost"
+
+
+def _retrying(deadline: float) -> tenacity.Retrying:
+    """Retries of a call to an API that is down, until `deadline` (or a stop's grace)."""
+    return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(ApiUnavailable),
         wait=tenacity.wait_exponential(multiplier=0.5, max=10.0),  # 0.5 s, 1 s, ... 10 s
         # the deadline is the caller's (shared with draining the reports), and a stop
@@ -439,14 +470,6 @@ def _finish(
         sleep=_nap_until(deadline),
         reraise=True,
     )
-    try:
-        retrying(api.finish, job_id, status, result)
-        return status
-    except StaleAttempt:
-        return "stale"
-    except ApiUnavailable:
-        log.error("job %s: API unreachable; leaving it to the lease reconciler", job_id)
-        return "unreported"
 
 
 def _until(deadline: float) -> float:

@@ -396,6 +396,9 @@ class RunResultIn(BaseModel):
 
 class ReleaseIn(BaseModel):
     reason: str = Field(default="worker stopping", max_length=200)
+    # the attempt was lost, not handed back (a rank or node of its run died): it counts
+    # against max_restarts, and past them the job fails with `reason`
+    lost: bool = False
 
 
 class FinishIn(BaseModel):

@@ -287,6 +287,8 @@ def export(
 def _print_result(result: Any, out: Path) -> None:
     if result.status == "failed":
         err.print(f"[red]failed:[/red] {result.error}", highlight=False)
+        if getattr(result, "lost", False) and (out / "last.pt").exists():
+            err.print(f"continue it from its last checkpoint with --resume (run folder: {out})")
         return
     line = f"{result.status}: {result.epochs_run} epochs, {result.steps} steps"
     if result.best_epoch is not None and result.best_value is not None:

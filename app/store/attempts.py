@@ -22,6 +22,7 @@ from app.store.metrics import finite_json
 TOKEN_PREFIX = "tya"
 WORKER_LOST = "worker lost"
 RELEASED = "released"
+LOST = "lost"  # the worker, or a rank or node of its run, was lost: a restart
 
 
 @dataclass(frozen=True)
@@ -214,13 +215,17 @@ class Released:
     requeued: bool  # False: a retry of a release already done, or the job ended cancelled
 
 
-def release(session: Session, ref: AttemptRef, reason: str) -> Released:
+def release(session: Session, ref: AttemptRef, reason: str, *, lost: bool = False) -> Released:
     """A worker that stops before its job ends hands it back: `running -> queued` at once.
 
     Guarded by the attempt (only the current one may release), idempotent (a
     retried release of this attempt changes nothing), and attempt + 1 as for a lost
     worker, but it uses none of `max_restarts`: nothing went wrong. A job whose
     cancel was requested ends `cancelled` instead.
+
+    `lost`: the attempt was lost rather than handed back (a rank or node of a
+    data-parallel run died): it counts against `max_restarts` as a lost worker's
+    does, and past them the job fails with `reason`. A retry of it is stale (409).
     """
     job = jobs.lock(session, ref.job_id)
     attempt = session.get(Attempt, ref.attempt_id, populate_existing=True)
@@ -229,7 +234,10 @@ def release(session: Session, ref: AttemptRef, reason: str) -> Released:
     if attempt is None or not _is_current(attempt, job):
         raise StaleAttempt()
     now = utcnow()
-    attempt.ended_at, attempt.outcome = now, RELEASED
+    attempt.ended_at, attempt.outcome = now, LOST if lost else RELEASED
+    if lost:
+        requeued = _requeue_or_fail(session, job, now, reason)
+        return Released(jobs.lock(session, job.id), requeued)
     if job.cancel_requested:
         stop_reason = f"cancelled by user ({reason})"
         values = jobs.finish_values("cancelled", now, stop_reason=stop_reason)
@@ -268,41 +276,44 @@ def expire(session: Session, now: datetime) -> list[Job]:
             select(Attempt).where(Attempt.job_id == job.id, Attempt.n == job.attempt)
         ).scalar_one_or_none()
         if attempt is not None and attempt.ended_at is None:
-            attempt.ended_at, attempt.outcome = now, "lost"
-        # Attempts their workers released (a shutdown) are no restarts: only losses count.
-        released = _released_count(session, job.id)
-        if job.cancel_requested:
-            # The user asked to stop it anyway: losing the worker finishes the job.
-            values = jobs.finish_values(
-                "cancelled", now, stop_reason="cancelled by user (worker lost)"
-            )
-            if jobs.transition(session, job.id, "running", **values):
-                jobs.announce_end(session, job.id, "cancelled", stop_reason=values["stop_reason"])
-        elif job.attempt < job.max_restarts + 1 + released:
-            n = job.attempt + 1
-            if jobs.transition(
-                session,
-                job.id,
-                "running",
-                status="queued",
-                attempt=n,
-                lease_expires_at=None,
-                dispatched_at=now,
-            ):
-                events.append(
-                    session,
-                    job.id,
-                    "status",
-                    {"status": "queued", "attempt": n, "reason": WORKER_LOST},
-                )
-                requeued.append(job)
-        else:
-            error = (
-                f"{WORKER_LOST}: no heartbeat within the lease on attempt {job.attempt} "
-                f"of {job.max_restarts + 1 + released}"
-            )
-            if jobs.transition(
-                session, job.id, "running", **jobs.finish_values("failed", now, error=error)
-            ):
-                jobs.announce_end(session, job.id, "failed", error=error)
+            attempt.ended_at, attempt.outcome = now, LOST
+        reason = f"{WORKER_LOST}: no heartbeat within the lease"
+        if _requeue_or_fail(session, job, now, reason, event_reason=WORKER_LOST):
+            requeued.append(job)
     return requeued
+
+
+def _requeue_or_fail(
+    session: Session, job: Job, now: datetime, reason: str, *, event_reason: str | None = None
+) -> bool:
+    """A lost attempt's job (running): queued again (attempt + 1; True) while restarts
+    are left, else failed with `reason`; cancelled when its cancel was requested."""
+    # Attempts their workers released (a shutdown) are no restarts: only losses count.
+    released = _released_count(session, job.id)
+    if job.cancel_requested:
+        # The user asked to stop it anyway: losing the worker finishes the job.
+        values = jobs.finish_values("cancelled", now, stop_reason="cancelled by user (worker lost)")
+        if jobs.transition(session, job.id, "running", **values):
+            jobs.announce_end(session, job.id, "cancelled", stop_reason=values["stop_reason"])
+        return False
+    if job.attempt < job.max_restarts + 1 + released:
+        n = job.attempt + 1
+        if not jobs.transition(
+            session,
+            job.id,
+            "running",
+            status="queued",
+            attempt=n,
+            lease_expires_at=None,
+            dispatched_at=now,
+        ):
+            return False
+        payload = {"status": "queued", "attempt": n, "reason": event_reason or reason}
+        events.append(session, job.id, "status", payload)
+        return True
+    error = f"{reason} on attempt {job.attempt} of {job.max_restarts + 1 + released}"
+    if jobs.transition(
+        session, job.id, "running", **jobs.finish_values("failed", now, error=error)
+    ):
+        jobs.announce_end(session, job.id, "failed", error=error)
+    return False

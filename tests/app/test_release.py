@@ -113,3 +113,32 @@ def test_releasing_a_job_whose_cancel_was_requested_ends_it_cancelled(server, us
     assert job["status"] == "cancelled"
     assert job["stop_reason"] == "cancelled by user (worker stopping)"
     assert len(server.sent_for(queued_job["id"])) == sent_before
+
+
+def test_a_lost_attempt_is_a_restart_and_past_max_restarts_fails_with_its_reason(make_server):
+    """A rank or node of a data-parallel run died: its node 0 reports the attempt lost."""
+    srv = make_server()
+    with srv.new_user() as user:
+        job = submit(user, job_spec(upload(user)["id"], max_restarts=1))
+        first = claim(srv, job["id"])
+        sent_before = len(srv.sent_for(job["id"]))
+        reason = "lost a rank of the run at epoch 2, step 40: Connection reset by peer"
+        lost = first.post("release", {"reason": reason, "lost": True})
+        assert lost.status_code == 200, lost.text
+        assert (lost.json()["status"], lost.json()["attempt"]) == ("queued", 2)
+        assert len(srv.sent_for(job["id"])) == sent_before + 1  # woken at once
+        # its retry is stale: a lost attempt is over, unlike a released one
+        assert first.post("release", {"reason": reason, "lost": True}).status_code == 409
+
+        second = claim(srv, job["id"], "host:2")  # the one restart
+        assert second.post("release", {"reason": reason, "lost": True}).status_code == 200
+        final = user.get(f"/jobs/{job['id']}").json()
+        assert final["status"] == "failed"
+        assert final["error"] == f"{reason} on attempt 2 of 2"
+        with session_scope(srv.sessions) as session:
+            outcomes = session.execute(
+                select(Attempt.n, Attempt.outcome)
+                .where(Attempt.job_id == job["id"])
+                .order_by(Attempt.n)
+            ).all()
+        assert [tuple(row) for row in outcomes] == [(1, "lost"), (2, "lost")]

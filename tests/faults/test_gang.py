@@ -8,13 +8,15 @@ TCPStore (gloo). The run must be the very run of the same ranks on one node.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import FAST_RECOVERY, spec_for, wait_status
+from tests.faults.conftest import FAST_RECOVERY, checkpoints_of, spec_for, wait_status
 from tests.faults.test_data_parallel_worker import assert_matches, local_reference
-from tests.faults.test_stop import attempts_of, rows
+from tests.faults.test_stop import attempts_of, rows, wait_mid_training
 from tests.test_service_e2e import upload_digits, wait_for
 
 EPOCHS = 8
@@ -85,3 +87,49 @@ def test_a_partial_gang_lets_its_claim_go_and_forms_when_a_second_worker_comes(
     final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
     assert attempts_of(tmp_path, job_id) == [(1, "succeeded")]
+
+
+@pytest.mark.slow
+def test_a_killed_node_loses_the_attempt_at_once_and_the_job_resumes_on_a_fresh_gang(
+    stack, examples_dir, tmp_path
+):
+    # a lease far longer than the test's wait: the loss is seen by node 0, not the lease
+    built = stack(**{**FAST_RECOVERY, "TORCHYARD_LEASE_S": "600"}, TORCHYARD_GANG_WAIT_S="120")
+    for name in ("w0", "w1"):
+        built.start_worker(name, **ON_LOOPBACK)
+    client = built.client()
+    train_id, val_id = upload_digits(client, examples_dir)
+    spec = two_node_spec(train_id, val_id)
+    built.wait_workers_listening()
+    job_id = client.submit(spec).id
+    wait_mid_training(lambda: checkpoints_of(built, job_id), client, job_id)
+
+    gang = "SELECT member, worker FROM gang_members WHERE job_id = ? AND n = ? ORDER BY member"
+    node1 = rows(tmp_path, gang, job_id, 1)[1][1].split(":")[0]
+    survivor = ({"w0", "w1"} - {node1}).pop()
+    since = time.monotonic()
+    built.kill_worker(node1)  # kill -9 of the worker, its training child and its rank
+    # node 0's rank loses its peer in the next collective, and node 0 reports the attempt lost
+    wait_for(lambda: attempts_of(tmp_path, job_id) == [(1, "lost")], timeout=60, every=0.1)
+    assert time.monotonic() - since < 30
+    reasons = [
+        json.loads(data).get("reason")
+        for (data,) in rows(
+            tmp_path, "SELECT data FROM job_events WHERE job_id = ? AND kind = 'status'", job_id
+        )
+    ]
+    assert any(r and r.startswith("lost a rank of the run") for r in reasons), reasons
+
+    built.start_worker("w2", **ON_LOOPBACK)  # the gang of attempt 2: the survivor and w2
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
+    assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
+    assert attempts_of(tmp_path, job_id) == [(1, "lost"), (2, "succeeded")]
+    workers = {w.split(":")[0] for _, w in rows(tmp_path, gang, job_id, 2)}
+    assert workers == {survivor, "w2"}
+    # both nodes of attempt 2 started from the checkpoint attempt 1 uploaded
+    for name in workers:
+        assert '/resume "HTTP/1.1 200 OK"' in built.log(f"worker-{name}"), name
+    # and the run is the uninterrupted one, bit for bit
+    local = {**spec, "resources": {"processes": 2}}
+    reference = local_reference(local, examples_dir, tmp_path / "reference")
+    assert_matches(built, client, job_id, reference, tmp_path)

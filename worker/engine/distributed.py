@@ -35,6 +35,20 @@ from worker.engine.spec import JobSpec
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("TORCHYARD_COLLECTIVE_TIMEOUT_S", "300"))
 
 
+# What torch.distributed raises when a peer is gone: NCCL, the store and the
+# launcher raise `DistError`s; gloo's TCP transport a plain RuntimeError naming itself.
+_GLOO_TRANSPORT = ("gloo/transport/", "Connection closed by peer", "Connection reset by peer")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank or node of the run is gone
+    (killed, its machine lost, its connection dropped): not the job's fault, so the
+    service restarts the job from its last checkpoint, as for a lost worker."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _GLOO_TRANSPORT)
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the run: rank 0 of 1 when no launcher started it."""

@@ -39,12 +39,16 @@ class RankFailed(Exception):
     agent ends the other ranks at once."""
 
 
+class PeerLost(RankFailed):
+    """A rank's run ended because another rank or node was lost (`RunResult.lost`)."""
+
+
 def run_rank(entry: Callable[..., RunResult], *args: Any) -> dict[str, Any]:
     """What each spawned rank runs: `entry(*args)` (which calls `run_job`), its result
     back to the launcher; a failed run raises, which fails the whole launch."""
     result = entry(*args)
     if result.status == "failed":
-        raise RankFailed(result.error or "failed")
+        raise (PeerLost if result.lost else RankFailed)(result.error or "failed")
     return result.as_dict()
 
 
@@ -104,7 +108,8 @@ def launch_ranks(
         try:
             outputs = elastic_launch(config, run_rank)(entry, *args)
         except ChildFailedError as exc:
-            result = RunResult(status="failed", error=failure_reason(exc))
+            reason, lost = failure_reason(exc)
+            result = RunResult(status="failed", error=reason, lost=lost)
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(
                 run_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n"
@@ -115,25 +120,48 @@ def launch_ranks(
     return RunResult(**{k: v for k, v in outputs[min(outputs)].items() if k in names})
 
 
-def failure_reason(exc: Any) -> str:
-    """One line for the first rank that failed (by rank); a bug's traceback goes to stderr."""
-    rank, failure = min(exc.failures.items())
-    data = failure.error_file_data.get("message") if failure.error_file_data else None
-    if isinstance(data, dict):
-        message = str(data.get("message", ""))
-        kind, _, text = message.partition(": ")
+def failure_reason(exc: Any) -> tuple[str, bool]:
+    """One line for the failure that explains the others, and whether the run was lost
+    (a rank killed, or its peers gone) rather than failed by the job's fault.
+
+    The ranks fail together: when one raises or dies, the others lose their peer. So a
+    rank's own failure comes first (its run's one-line reason, then a bug, whose
+    traceback goes to stderr), then a rank that died; a rank that only lost its peers
+    explains nothing the others do not."""
+    failures = sorted(exc.failures.items())
+    raised = [(rank, failure, *_raised(failure)) for rank, failure in failures]
+    for _, _, kind, text in raised:
         if kind == RankFailed.__name__:
-            return text
-        callstack = data.get("extraInfo", {}).get("py_callstack")
-        if callstack:
-            sys.stderr.write(f"rank {rank} failed:\n{callstack}")
-        return f"rank {rank} failed: {message}"
-    if failure.exitcode < 0:
-        return (
-            f"rank {rank} (pid {failure.pid}) ended by signal {failure.signal_name()}; "
-            f"the other ranks were stopped"
-        )
-    return f"rank {rank} (pid {failure.pid}) exited with code {failure.exitcode}"
+            return text, False
+    for rank, failure, kind, text in raised:
+        if kind is not None and kind != PeerLost.__name__:
+            callstack = failure.error_file_data["message"].get("extraInfo", {}).get("py_callstack")
+            if callstack:
+                sys.stderr.write(f"rank {rank} failed:\n{callstack}")
+            return (
+                f"rank {rank} failed: {kind}: {text}" if text else f"rank {rank} failed: {kind}"
+            ), False
+    for rank, failure, kind, _ in raised:
+        if kind is None and failure.exitcode < 0:
+            return (
+                f"rank {rank} (pid {failure.pid}) ended by signal {failure.signal_name()}; "
+                f"the other ranks were stopped"
+            ), True
+    for _, _, kind, text in raised:
+        if kind == PeerLost.__name__:
+            return text, True
+    rank, failure = failures[0]
+    return f"rank {rank} (pid {failure.pid}) exited with code {failure.exitcode}", False
+
+
+def _raised(failure: Any) -> tuple[str | None, str]:
+    """The exception a failed rank raised, from its error file: (type name, message);
+    (None, "") when it wrote none (killed, or exited without a Python error)."""
+    data = failure.error_file_data.get("message") if failure.error_file_data else None
+    if not isinstance(data, dict):
+        return None, ""
+    kind, _, text = str(data.get("message", "")).partition(": ")
+    return kind, text
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ from worker.engine.distributed import (
     Ranks,
     check_world,
     data_parallel,
+    is_peer_lost,
     process_group,
     rank_device,
     share_cpu_threads,
@@ -80,6 +81,9 @@ class RunResult:
     error: str | None = None
     final_metrics: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0
+    # failed because a rank or node of a data-parallel run was lost, not by the job's
+    # fault: the service restarts it from its last checkpoint (locally: `--resume`)
+    lost: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -358,7 +362,7 @@ class Trainer:
         try:
             yield
         except MODEL_ERRORS as exc:
-            if is_out_of_memory(exc):
+            if is_out_of_memory(exc) or (self.ranks.distributed and is_peer_lost(exc)):
                 raise
             raise RunFailed(
                 f"{phase} failed at epoch {self.epoch}, step {self.step}: {one_line(exc)}"
@@ -850,14 +854,18 @@ def run_job(
     except (SpecError, DataError, RunFailed) as exc:
         result = _failed(trainer, started, one_line(exc))
     except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
         where = f" at epoch {trainer.epoch}, step {trainer.step}" if trainer else ""
-        memory = "GPU memory" if isinstance(exc, torch.OutOfMemoryError) else "memory"
-        reason = f"out of {memory}{where} (batch_size {spec.data.batch_size})"
-        if type(exc) is RuntimeError:  # the CPU allocator's message says how much it wanted
-            reason += f": {one_line(exc)}"
-        result = _failed(trainer, started, reason)
+        if ranks.distributed and is_peer_lost(exc):
+            result = _failed(trainer, started, f"lost a rank of the run{where}: {one_line(exc)}")
+            result.lost = True
+        elif is_out_of_memory(exc):
+            memory = "GPU memory" if isinstance(exc, torch.OutOfMemoryError) else "memory"
+            reason = f"out of {memory}{where} (batch_size {spec.data.batch_size})"
+            if type(exc) is RuntimeError:  # the CPU allocator's message says how much it wanted
+                reason += f": {one_line(exc)}"
+            result = _failed(trainer, started, reason)
+        else:
+            raise
     if ranks.is_zero:
         atomic_write_text(run_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
     return result

@@ -211,5 +211,8 @@ def release(
 ) -> JobOut:
     """The worker is stopping: `running -> queued` now (attempt + 1 at the next claim), and a
     wake-up is sent, so the job resumes from its last checkpoint without waiting for the
-    lease to expire. Idempotent for the attempt; 409 `stale attempt` when another owns the job."""
-    return JobOut.of(release_attempt(session, dispatcher, ref, body.reason))
+    lease to expire. Idempotent for the attempt; 409 `stale attempt` when another owns the job.
+
+    `lost: true`: the attempt was lost (a rank or node of a data-parallel run died), as
+    when a worker's lease runs out: a restart, counted against `max_restarts`."""
+    return JobOut.of(release_attempt(session, dispatcher, ref, body.reason, lost=body.lost))

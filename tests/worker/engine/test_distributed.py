@@ -199,6 +199,8 @@ def test_a_rank_killed_fails_the_run_and_resume_matches_an_uninterrupted_run(fol
     result = json.loads((folder / "killed" / "result.json").read_text())
     assert result["status"] == "failed"
     assert "rank 1" in result["error"] and "SIGKILL" in result["error"]
+    assert result["lost"] is True  # not the job's fault: the service would restart it
+    assert "--resume" in err
     assert all(not psutil.pid_exists(pid) for pid in pids.values())
     stopped_at = torch.load(last, weights_only=True)["epoch"]
     assert 1 <= stopped_at < 40
