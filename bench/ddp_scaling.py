@@ -15,6 +15,10 @@ Goal: 2-process / 1-process throughput >= 1.7 (the limit is 2). On a machine who
 cores are shared with other work the figure says as much about the neighbours:
 repeat it. Exits non-zero only on an error.
 
+Beside it, torch alone: the same MLP and global batch in a hand-written loop (Adam,
+batches by index), by 1 process and under DistributedDataParallel by 2 ranks, so
+the figure can be split between the engine and torch's DDP on this machine.
+
 It also measures the floor the machine sets: a bare gloo allreduce of the model's
 gradients (one flat tensor of its parameter count) between two processes of one
 thread, in a tight loop, and the best ratio that allows, t1 / (t1 / 2 + allreduce)
@@ -98,14 +102,7 @@ def allreduce_floor(numel: int, port_file: str, out_file: str, rank: int) -> Non
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    if rank == 0:
-        store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True)
-        Path(port_file).write_text(str(store.port))
-    else:
-        while not Path(port_file).exists() or not Path(port_file).read_text():
-            time.sleep(0.01)
-        store = dist.TCPStore("127.0.0.1", int(Path(port_file).read_text()), 2, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    dist.init_process_group("gloo", store=_store(port_file, rank), rank=rank, world_size=2)
     grads = torch.randn(numel)
     for _ in range(50):
         dist.all_reduce(grads)
@@ -120,12 +117,84 @@ def allreduce_floor(numel: int, port_file: str, out_file: str, rank: int) -> Non
 
 
 def bare_allreduce_ms(numel: int, tmp: Path) -> float:
+    out = tmp / "floor.json"
+    _spawn_two(allreduce_floor, (numel,), tmp / "floor-port", out)
+    return 1000 * json.loads(out.read_text())["median_s"]
+
+
+def bare_mlp(batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256)]
+    model = torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    return model, torch.randn(batch * 64, 64), torch.randint(0, 10, (batch * 64,))
+
+
+def bare_steps(model: Any, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int) -> float:
+    """Seconds a step of a plain loop: forward, loss, backward, Adam step, zero grads."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rows = len(x) // batch * batch
+    for i in range(steps // 10):  # warm-up
+        j = i * batch % rows
+        loss_fn(model(x[j : j + batch]), y[j : j + batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    started = time.perf_counter()
+    for i in range(steps):
+        j = i * batch % rows
+        loss_fn(model(x[j : j + batch]), y[j : j + batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - started) / steps
+
+
+def bare_rank(batch: int, steps: int, port_file: str, out_file: str, rank: int) -> None:
+    """One rank of torch's DDP on the bare loop (spawned: a module-level function)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=_store(port_file, rank), rank=rank, world_size=2)
+    model, x, y = bare_mlp(batch)
+    half = len(x) // 2  # this rank's rows (their values do not matter to the time)
+    ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
+    mine = slice(rank * half, (rank + 1) * half)
+    seconds = bare_steps(ddp, x[mine], y[mine], batch // 2, steps)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"s_per_step": seconds}))
+    dist.destroy_process_group()
+
+
+def bare_ddp_ms(batch: int, steps: int, tmp: Path) -> tuple[float, float]:
+    """ms a step: the bare loop by 1 process (1 thread), and by 2 DDP ranks."""
+    torch.set_num_threads(1)
+    model, x, y = bare_mlp(batch)
+    one = 1000 * bare_steps(model, x, y, batch, steps)
+    out = tmp / "bare.json"
+    _spawn_two(bare_rank, (batch, steps), tmp / "bare-port", out)
+    return one, 1000 * json.loads(out.read_text())["s_per_step"]
+
+
+def _store(port_file: str, rank: int) -> Any:
+    """A c10d TCPStore on a free port: rank 0 listens and says where in `port_file`."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+        Path(port_file).write_text(str(store.port))
+        return store
+    while not Path(port_file).exists() or not Path(port_file).read_text():
+        time.sleep(0.01)
+    return dist.TCPStore("127.0.0.1", int(Path(port_file).read_text()), 2, is_master=False)
+
+
+def _spawn_two(target: Any, args: tuple[Any, ...], port_file: Path, out_file: Path) -> None:
     import torch.multiprocessing as mp
 
-    port, out = tmp / "floor-port", tmp / "floor.json"
+    port_file.unlink(missing_ok=True)
     context = mp.get_context("spawn")
     procs = [
-        context.Process(target=allreduce_floor, args=(numel, str(port), str(out), rank))
+        context.Process(target=target, args=(*args, str(port_file), str(out_file), rank))
         for rank in range(2)
     ]
     for proc in procs:
@@ -133,8 +202,7 @@ def bare_allreduce_ms(numel: int, tmp: Path) -> float:
     for proc in procs:
         proc.join(300)
         if proc.exitcode != 0:
-            raise SystemExit(f"the bare allreduce failed (exit code {proc.exitcode})")
-    return 1000 * json.loads(out.read_text())["median_s"]
+            raise SystemExit(f"{target.__name__} failed (exit code {proc.exitcode})")
 
 
 def parameter_count(doc: dict[str, Any], data: Path) -> int:
@@ -259,6 +327,7 @@ def main() -> int:
             )
         numel = parameter_count(doc, data)
         floor_ms = bare_allreduce_ms(numel, tmp)
+        bare = [bare_ddp_ms(case["batch_size"], 1000, tmp) for _ in range(args.repeats)]
     print(
         f"{'run':<22} {'samples/s':>10} {'ms/step':>8} {'allreduce ms/step':>17} {'last loss':>10}"
     )
@@ -277,6 +346,11 @@ def main() -> int:
         f"torch {torch.__version__}, {cores} cores, 1 thread per process. "
         f"2 ranks / 1 process throughput (median of {len(pairs)}): {ratio:.3f} (goal >= 1.7)"
     )
+    for one_bare, two_bare in bare:
+        print(
+            f"torch alone (a plain loop, no torchyard): 1 process {one_bare:.2f} ms/step, "
+            f"2 DDP ranks {two_bare:.2f} ms/step: 2 ranks / 1 process = {one_bare / two_bare:.3f}"
+        )
     one_ms = statistics.median(p["one"]["ms_per_step"] for p in pairs)
     ceiling = one_ms / (one_ms / 2 + floor_ms)
     print(
@@ -285,7 +359,8 @@ def main() -> int:
         f"1 process: 2 ranks can reach at most {ceiling:.2f} here"
     )
     if args.json:
-        args.json.write_text(json.dumps({"pairs": pairs, "floor_ms": floor_ms}, indent=2))
+        figures = {"pairs": pairs, "floor_ms": floor_ms, "bare_ms": bare}
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 
