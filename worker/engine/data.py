@@ -22,17 +22,38 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 
 from worker.engine.errors import DataError, SpecError, SpecIssue, closest
 from worker.engine.fields import FieldInfo
 from worker.engine.spec import DataSpec
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+
+class _OnFirstUse:
+    """A module imported when first used: only CSV and Parquet files need pyarrow, and
+    importing it costs a start-up about 0.1 s (`torchyard train` of an NPZ never does)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if not TYPE_CHECKING:
+    pa, pc, pa_csv, pq = map(
+        _OnFirstUse, ("pyarrow", "pyarrow.compute", "pyarrow.csv", "pyarrow.parquet")
+    )
 
 DEFAULT_MAX_BYTES = 8 * 2**30
 DEFAULT_MAX_COLUMNS = 10_000
@@ -889,9 +910,8 @@ class _CsvScan:
 class _ColumnKind:
     """The type of one CSV column so far, as pyarrow's inference would find it."""
 
-    ORDER = (pa.int64(), pa.bool_(), pa.float64())
-
     def __init__(self) -> None:
+        self.order = (pa.int64(), pa.bool_(), pa.float64())
         self.type: pa.DataType = pa.null()  # no value seen yet
         self.rank = 0
         self.span: tuple[int, int] | None = None
@@ -902,8 +922,8 @@ class _ColumnKind:
             self.has_nulls = True
         if column.null_count == len(column) or self.type == pa.string():
             return
-        while self.rank < len(self.ORDER):
-            candidate = self.ORDER[self.rank]
+        while self.rank < len(self.order):
+            candidate = self.order[self.rank]
             values = _cast_or_none(column, candidate)
             if values is not None:
                 self.type = candidate
