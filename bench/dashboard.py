@@ -251,8 +251,11 @@ def overhead(
         child = TrainingChild(worker.proc.pid)
         api_pids = [p.pid for p in served.procs]
         blocks: list[Block] = []
+        counted: list[Counted] = []  # each block's counted window (settle_s to its end)
         worst_lag, lag_batches = 0.0, 0
         browser_s = {False: 0.0, True: 0.0}  # Chromium's CPU (all its processes) by block kind
+        requests: list[tuple[float, str]] = []  # (time, what) of every request a page made
+        started = time.time()
         while expect(user.get(f"/jobs/{job_id}"), 200)["status"] not in {
             "succeeded",
             "failed",
@@ -266,14 +269,24 @@ def overhead(
             if block.observed:
                 for _ in range(args.pages):
                     page = signed_in_page(browser, url, settings.token)
+                    page.on(
+                        "request", lambda r: requests.append((time.time(), request_kind(r.url)))
+                    )
                     page.goto(f"/#/jobs/{job_id}")
                     pages.append(page)
+            window = Counted()
             while time.time() < block.start + args.block_s:
+                if not window.start and time.time() >= block.start + args.settle_s:
+                    window.begin(browser_cpu(), api_pids)
                 if pages:
                     pages[0].wait_for_timeout(200)  # lets the browser's events run
                 else:
                     time.sleep(0.2)
-            browser_s[block.observed] += grown(browser_before, browser_cpu())
+            browser_after = browser_cpu()
+            browser_s[block.observed] += grown(browser_before, browser_after)
+            if window.start:
+                window.finish(browser_after, api_pids)
+            counted.append(window)
             for page in pages:
                 lag = page.evaluate("() => window.__tyLag || {max: 0, batches: 0}")
                 worst_lag = max(worst_lag, lag["max"])
@@ -287,6 +300,7 @@ def overhead(
         if job["status"] != "succeeded":
             raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
         points = expect(user.get(f"/jobs/{job_id}/metrics", params={"names": "epoch_time_s"}), 200)
+        events_per_s = event_rates(settings.database_url, job_id, time.time() - started)
     for point in points["epoch_time_s"][1:]:
         began, ended = point["time"] - point["value"], point["time"]
         for block in blocks:
@@ -299,6 +313,8 @@ def overhead(
     rows = []
     for observed in (False, True):
         kind = [b for b in blocks if b.observed == observed]
+        windows = [w for b, w in zip(blocks, counted, strict=True) if b.observed == observed]
+        steady_s = sum(w.seconds for w in windows) or float("nan")
         times = [t for b in kind for t in b.epoch_times]
         seconds = sum(b.end - b.start for b in kind)
         rows.append(
@@ -309,6 +325,8 @@ def overhead(
                 statistics.median(times) if times else "-",
                 sum(b.api_cpu_s for b in kind) / seconds,
                 browser_s[observed] / seconds,
+                sum(w.api_s for w in windows) / steady_s,
+                sum(w.browser_s for w in windows) / steady_s,
             ]
         )
     print(
@@ -316,16 +334,92 @@ def overhead(
         f"unobserved, then {args.pages} job pages open (a browser context each), in turn; an epoch "
         f"counts from {args.settle_s:g} s into its block"
     )
-    print_table(["blocks", "n", "epochs", "median epoch s", "API cpu/s", "browser cpu/s"], rows)
+    print_table(
+        [
+            "blocks",
+            "n",
+            "epochs",
+            "median epoch s",
+            "API cpu/s",
+            "browser cpu/s",
+            "steady API cpu/s",
+            "steady browser cpu/s",
+        ],
+        rows,
+    )
+    print("(cpu/s: over whole blocks, the pages' opening included; steady: from --settle-s on)")
     print(
         f"paired: observed block / its unobserved neighbours, mean of {len(ratios)} blocks "
         f"{statistics.fmean(ratios):.3f} (median {statistics.median(ratios):.3f}); 90% interval "
         f"{low:.3f} to {high:.3f} (goal <= 1.03)"
     )
+    steady = [
+        (w.start, w.end) for b, w in zip(blocks, counted, strict=True) if b.observed and w.start
+    ]
+    steady_s = sum(end - start for start, end in steady) or float("nan")
+    asked: dict[str, int] = {}
+    for at, what in requests:
+        if any(start <= at <= end for start, end in steady):
+            asked[what] = asked.get(what, 0) + 1
+    print(f"\nrequests of all {args.pages} pages a second, steady (from --settle-s on):")
+    print_table(
+        ["request", "per s"],
+        [[what, n / steady_s] for what, n in sorted(asked.items())] or [["-", 0]],
+    )
+    print("SSE events of the job a second (the stream each page reads):")
+    print_table(["event", "per s"], [[kind, rate] for kind, rate in sorted(events_per_s.items())])
     print(
         f"\n3. lag, SSE metrics event arrival to its chart's frame: max {worst_lag:.0f} ms over "
         f"{lag_batches:,} batches on all pages (goal <= 1000 ms)"
     )
+
+
+class Counted:
+    """A block's counted window (from --settle-s to its end): Chromium's and the API's CPU."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.api_s = self.browser_s = 0.0
+        self._browser: dict[int, float] = {}
+
+    def begin(self, browser: dict[int, float], api_pids: list[int]) -> None:
+        self.start = time.time()
+        self._browser = browser
+        self.api_s = -sum(cpu_seconds(pid) for pid in api_pids)
+
+    def finish(self, browser: dict[int, float], api_pids: list[int]) -> None:
+        self.end = time.time()
+        self.api_s += sum(cpu_seconds(pid) for pid in api_pids)
+        self.browser_s = grown(self._browser, browser)
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def request_kind(url: str) -> str:
+    """A request as the table groups it: its path with the job id and query left out."""
+    path = url.split("://", 1)[-1].split("/", 1)[-1].split("?")[0]
+    parts = path.split("/")
+    if len(parts) > 3 and parts[:3] == ["api", "v1", "jobs"] and len(parts[3]) >= 16:
+        parts[3] = "{id}"
+    if len(parts) > 5 and parts[4] == "checkpoints":
+        parts[5] = "{cid}"
+    return "/" + "/".join(parts)
+
+
+def event_rates(database_url: str, job_id: str, seconds: float) -> dict[str, float]:
+    """The job's events by kind, a second of its run (read from its table)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT kind, count(*) FROM job_events WHERE job_id = :id GROUP BY kind"),
+            {"id": job_id},
+        ).all()
+    engine.dispose()
+    return {kind: n / seconds for kind, n in rows}
 
 
 def browser_cpu() -> dict[int, float]:
