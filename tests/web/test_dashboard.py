@@ -307,3 +307,14 @@ def test_the_log_tail_keeps_the_last_lines_in_order_as_they_arrive(
     assert page.evaluate(
         "() => document.querySelector('#log').firstChild === window.__firstLogNode"
     )
+
+
+def test_y_tick_labels_are_short_enough_for_the_axis(page, service: Service):
+    sign_in(page, service.token)
+    labels = page.evaluate(
+        """async () => { const { tickLabel } = await import("/web/js/charts.js");
+        return [0.0001, 0.00015000000000000001, 0.001, 0.1 + 0.2, 12.75, 0, 2.5e6]
+          .map(tickLabel); }"""
+    )
+    # an lr of 1e-4 no longer needs a wider axis than the chart gives it
+    assert labels == ["1e-4", "1.5e-4", "0.001", "0.3", "12.75", "0", "2.5e6"]
