@@ -87,7 +87,8 @@ def _poll_many(sessions: Sessions, keys: list[PollKey]) -> dict[PollKey, Polled]
 
 def _expanded(session: Session, job_id: str, rows: list[JobEvent]) -> list[Event]:
     """Events as streamed: a metrics event names the chunks its points went to (they are
-    not stored twice), and gets them back here, all of a poll's in one query."""
+    not stored twice), and gets them back here, all of a poll's in one query; a status
+    event gets its row's time as `at`."""
     refs = [row.data["chunks"] for row in rows if row.kind == "metrics" and "chunks" in row.data]
     found = metrics.chunk_points(session, job_id, (key for keys in refs for key in keys))
     out = []
@@ -95,6 +96,8 @@ def _expanded(session: Session, job_id: str, rows: list[JobEvent]) -> list[Event
         data = row.data
         if row.kind == "metrics" and "chunks" in data:
             data = {"points": [p for key in data["chunks"] for p in found.get(tuple(key), [])]}
+        elif row.kind == "status":
+            data = {**data, "at": row.created_at.isoformat()}  # when the job changed state
         out.append(Event(row.id, row.kind, data))
     return out
 

@@ -24,6 +24,18 @@
    blocks are long (40 s) and an epoch counts only from 20 s into its block: the figure
    is the pages being open, not being opened. Goal: <= 1.03.
 
+   The pages are opened again in each observed block and closed at its end, not kept
+   open across blocks: an unobserved block must have no page at all (a page kept open
+   but hidden would measure the page's hidden state, not its absence), and the
+   counted window leaves the opening out. To say where an open page's cost goes, the
+   table gives Chromium's and the API's CPU twice: over whole blocks, and "steady",
+   over each block's counted window only (from `--settle-s` to its end, so no opening
+   in it as long as the pages open within `--settle-s`: on a loaded machine they may
+   not, and their first requests then show in the next table). Then the requests the
+   pages made a second in those windows (Playwright's request events, grouped by path),
+   and the job's SSE events a second by kind (its `job_events` rows over its run): the
+   stream every page reads.
+
 3. Lag: every page records, for each SSE metrics event, the time from its arrival to
    the frame that drew it (`window.__tyLag`); the largest over all pages and blocks.
    Goal: <= 1000 ms.
@@ -251,8 +263,11 @@ def overhead(
         child = TrainingChild(worker.proc.pid)
         api_pids = [p.pid for p in served.procs]
         blocks: list[Block] = []
+        counted: list[Counted] = []  # each block's counted window (settle_s to its end)
         worst_lag, lag_batches = 0.0, 0
         browser_s = {False: 0.0, True: 0.0}  # Chromium's CPU (all its processes) by block kind
+        requests: list[tuple[float, str]] = []  # (time, what) of every request a page made
+        started = time.time()
         while expect(user.get(f"/jobs/{job_id}"), 200)["status"] not in {
             "succeeded",
             "failed",
@@ -266,14 +281,25 @@ def overhead(
             if block.observed:
                 for _ in range(args.pages):
                     page = signed_in_page(browser, url, settings.token)
+                    page.on(
+                        "request", lambda r: requests.append((time.time(), request_kind(r.url)))
+                    )
                     page.goto(f"/#/jobs/{job_id}")
                     pages.append(page)
+            probes = [PageProbe(page) for page in pages]
+            window = Counted()
             while time.time() < block.start + args.block_s:
+                if not window.start and time.time() >= block.start + args.settle_s:
+                    window.begin(browser_cpu(), api_pids, probes)
                 if pages:
                     pages[0].wait_for_timeout(200)  # lets the browser's events run
                 else:
                     time.sleep(0.2)
-            browser_s[block.observed] += grown(browser_before, browser_cpu())
+            browser_after = browser_cpu()
+            browser_s[block.observed] += grown(browser_before, browser_after)
+            if window.start:
+                window.finish(browser_after, api_pids, probes)
+            counted.append(window)
             for page in pages:
                 lag = page.evaluate("() => window.__tyLag || {max: 0, batches: 0}")
                 worst_lag = max(worst_lag, lag["max"])
@@ -287,6 +313,7 @@ def overhead(
         if job["status"] != "succeeded":
             raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
         points = expect(user.get(f"/jobs/{job_id}/metrics", params={"names": "epoch_time_s"}), 200)
+        events_per_s = event_rates(settings.database_url, job_id, time.time() - started)
     for point in points["epoch_time_s"][1:]:
         began, ended = point["time"] - point["value"], point["time"]
         for block in blocks:
@@ -299,6 +326,8 @@ def overhead(
     rows = []
     for observed in (False, True):
         kind = [b for b in blocks if b.observed == observed]
+        windows = [w for b, w in zip(blocks, counted, strict=True) if b.observed == observed]
+        steady_s = sum(w.seconds for w in windows) or float("nan")
         times = [t for b in kind for t in b.epoch_times]
         seconds = sum(b.end - b.start for b in kind)
         rows.append(
@@ -309,6 +338,8 @@ def overhead(
                 statistics.median(times) if times else "-",
                 sum(b.api_cpu_s for b in kind) / seconds,
                 browser_s[observed] / seconds,
+                sum(w.api_s for w in windows) / steady_s,
+                sum(w.browser_s for w in windows) / steady_s,
             ]
         )
     print(
@@ -316,32 +347,157 @@ def overhead(
         f"unobserved, then {args.pages} job pages open (a browser context each), in turn; an epoch "
         f"counts from {args.settle_s:g} s into its block"
     )
-    print_table(["blocks", "n", "epochs", "median epoch s", "API cpu/s", "browser cpu/s"], rows)
+    print_table(
+        [
+            "blocks",
+            "n",
+            "epochs",
+            "median epoch s",
+            "API cpu/s",
+            "browser cpu/s",
+            "steady API cpu/s",
+            "steady browser cpu/s",
+        ],
+        rows,
+    )
+    print("(cpu/s: over whole blocks, the pages' opening included; steady: from --settle-s on)")
     print(
         f"paired: observed block / its unobserved neighbours, mean of {len(ratios)} blocks "
         f"{statistics.fmean(ratios):.3f} (median {statistics.median(ratios):.3f}); 90% interval "
         f"{low:.3f} to {high:.3f} (goal <= 1.03)"
     )
+    steady = [
+        (w.start, w.end) for b, w in zip(blocks, counted, strict=True) if b.observed and w.start
+    ]
+    steady_s = sum(end - start for start, end in steady) or float("nan")
+    asked: dict[str, int] = {}
+    for at, what in requests:
+        if any(start <= at <= end for start, end in steady):
+            asked[what] = asked.get(what, 0) + 1
+    print(f"\nrequests of all {args.pages} pages a second, steady (from --settle-s on):")
+    print_table(
+        ["request", "per s"],
+        [[what, n / steady_s] for what, n in sorted(asked.items())] or [["-", 0]],
+    )
+    windows = [w for b, w in zip(blocks, counted, strict=True) if b.observed and w.start]
+    print("Chromium's CPU, steady, by process type (cores), and its pages' main threads:")
+    kinds = sorted({kind for w in windows for kind in w.by_process})
+    main = PageProbe.NAMES
+    print_table(
+        ["what", "cores"],
+        [
+            [f"process {kind}", sum(w.by_process.get(kind, 0) for w in windows) / steady_s]
+            for kind in kinds
+        ]
+        + [
+            [f"main thread {n}", sum(w.main_thread.get(n, 0) for w in windows) / steady_s]
+            for n in main
+        ],
+    )
+    print("SSE events of the job a second (the stream each page reads):")
+    print_table(["event", "per s"], [[kind, rate] for kind, rate in sorted(events_per_s.items())])
     print(
         f"\n3. lag, SSE metrics event arrival to its chart's frame: max {worst_lag:.0f} ms over "
         f"{lag_batches:,} batches on all pages (goal <= 1000 ms)"
     )
 
 
-def browser_cpu() -> dict[int, float]:
+class Counted:
+    """A block's counted window (from --settle-s to its end): Chromium's and the API's CPU."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.api_s = self.browser_s = 0.0
+        self.by_process: dict[str, float] = {}  # Chromium's CPU by process type
+        self.main_thread: dict[str, float] = {}  # the pages' renderer main threads, summed
+        self._browser: dict[tuple[int, str], float] = {}
+
+    def begin(
+        self, browser: dict[tuple[int, str], float], api_pids: list[int], pages: list[PageProbe]
+    ) -> None:
+        self.start = time.time()
+        self._browser = browser
+        self.api_s = -sum(cpu_seconds(pid) for pid in api_pids)
+        for page in pages:
+            for name, value in page.read().items():
+                self.main_thread[name] = self.main_thread.get(name, 0.0) - value
+
+    def finish(
+        self, browser: dict[tuple[int, str], float], api_pids: list[int], pages: list[PageProbe]
+    ) -> None:
+        self.end = time.time()
+        self.api_s += sum(cpu_seconds(pid) for pid in api_pids)
+        self.browser_s = grown(self._browser, browser)
+        for kind in {kind for _, kind in browser}:
+            self.by_process[kind] = grown(
+                {k: v for k, v in self._browser.items() if k[1] == kind},
+                {k: v for k, v in browser.items() if k[1] == kind},
+            )
+        for page in pages:
+            for name, value in page.read().items():
+                self.main_thread[name] = self.main_thread.get(name, 0.0) + value
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def request_kind(url: str) -> str:
+    """A request as the table groups it: its path with the job id and query left out."""
+    path = url.split("://", 1)[-1].split("/", 1)[-1].split("?")[0]
+    parts = path.split("/")
+    if len(parts) > 3 and parts[:3] == ["api", "v1", "jobs"] and len(parts[3]) >= 16:
+        parts[3] = "{id}"
+    if len(parts) > 5 and parts[4] == "checkpoints":
+        parts[5] = "{cid}"
+    return "/" + "/".join(parts)
+
+
+def event_rates(database_url: str, job_id: str, seconds: float) -> dict[str, float]:
+    """The job's events by kind, a second of its run (read from its table)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT kind, count(*) FROM job_events WHERE job_id = :id GROUP BY kind"),
+            {"id": job_id},
+        ).all()
+    engine.dispose()
+    return {kind: n / seconds for kind, n in rows}
+
+
+class PageProbe:
+    """A page's renderer main thread, as Chromium counts it (the DevTools protocol's
+    Performance.getMetrics: seconds of tasks, of script, of style and of layout)."""
+
+    NAMES = ("TaskDuration", "ScriptDuration", "RecalcStyleDuration", "LayoutDuration")
+
+    def __init__(self, page: Any):
+        self.cdp = page.context.new_cdp_session(page)
+        self.cdp.send("Performance.enable")
+
+    def read(self) -> dict[str, float]:
+        metrics = self.cdp.send("Performance.getMetrics")["metrics"]
+        return {m["name"]: m["value"] for m in metrics if m["name"] in self.NAMES}
+
+
+def browser_cpu() -> dict[tuple[int, str], float]:
     """CPU seconds of each of Chromium's processes (this process's descendants named
-    chrom*), by pid: a block's cost is the growth of each, a process new in the block
-    counting from 0 (read before its pages close: a closed page's process is gone)."""
+    chrom*), by pid and type (`--type=renderer`, `gpu-process`, ..., or `browser`): a
+    block's cost is the growth of each, a process new in the block counting from 0
+    (read before its pages close: a closed page's process is gone)."""
     found = {}
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if "chrom" in proc.name():
                 times = proc.cpu_times()
-                found[proc.pid] = times.user + times.system
+                kinds = [a[len("--type=") :] for a in proc.cmdline() if a.startswith("--type=")]
+                found[(proc.pid, kinds[0] if kinds else "browser")] = times.user + times.system
     return found
 
 
-def grown(before: dict[int, float], after: dict[int, float]) -> float:
+def grown(before: dict[Any, float], after: dict[Any, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 

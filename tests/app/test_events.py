@@ -6,6 +6,7 @@ import hashlib
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -99,7 +100,11 @@ def test_a_live_watcher_sees_reports_as_they_arrive(server, user, queued_job):
     assert not watcher.is_alive()
     kinds = [e["event"] for e in seen]
     assert kinds[-1] == "end" and "metrics" in kinds
-    assert seen[-2]["data"] == {"status": "failed", "error": "out of memory"}
+    failed = seen[-2]["data"]
+    # a status event carries when it happened (the row's time, UTC)
+    at = datetime.fromisoformat(failed.pop("at"))
+    assert at.tzinfo is not None and abs(datetime.now(UTC) - at) < timedelta(minutes=1)
+    assert failed == {"status": "failed", "error": "out of memory"}
 
 
 def test_cancel_of_a_queued_job_ends_the_stream(server, user, queued_job):

@@ -20,6 +20,62 @@ HOSTILE_LINE = '<img src=x onerror=alert("log")> <script>alert("log")</script>'
 HOSTILE_METRIC = "<img src=x onerror=alert(1)>"
 
 
+class Attempt:
+    """The test as a job's worker: what it reports goes through the worker protocol."""
+
+    def __init__(self, service: Service, job_id: str):
+        worker_token = (Path(service.env["TORCHYARD_HOME"]) / "worker_token").read_text().strip()
+        self.base = f"{service.url}/api/v1/worker/jobs/{job_id}"
+        claim = httpx.post(
+            f"{self.base}/claim",
+            json={"worker": "test:1"},
+            headers={"Authorization": f"Bearer {worker_token}"},
+        )
+        assert claim.status_code == 200, claim.text
+        self.headers = {"Authorization": f"Bearer {claim.json()['token']}"}
+
+    def log(self, lines: list[str]) -> None:
+        answer = httpx.post(f"{self.base}/logs", json={"lines": lines}, headers=self.headers)
+        assert answer.status_code == 204, answer.text
+
+    def metrics(self, points: list[dict[str, Any]]) -> None:
+        answer = httpx.post(f"{self.base}/metrics", json={"points": points}, headers=self.headers)
+        assert answer.status_code == 200, answer.text
+
+
+def reported_job(service: Service, api: Client, digits, name: str) -> tuple[Any, Attempt]:
+    """A cuda job: it waits on the gpu queue, which this CPU service's workers do not
+    take, so the test claims it and reports for it."""
+    spec = digits_spec(*digits, epochs=1, name=name)
+    spec["training"]["device"] = "cuda"
+    job = api.submit(spec)
+    return job, Attempt(service, job.id)
+
+
+def step_points(steps: range) -> list[dict[str, Any]]:
+    return [
+        {"name": "loss_step", "step": s, "epoch": 0, "value": 1 / (s + 1), "time": 1.0 + s}
+        for s in steps
+    ]
+
+
+def set_hidden(page: Any, hidden: bool) -> None:
+    """What the browser does when the tab goes to the background (or comes back)."""
+    page.evaluate(
+        """(hidden) => {
+        Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
+        Object.defineProperty(document, "visibilityState",
+          { value: hidden ? "hidden" : "visible", configurable: true });
+        document.dispatchEvent(new Event("visibilitychange"));
+        }""",
+        hidden,
+    )
+
+
+def log_lines(page: Any) -> list[str]:
+    return [line for line in page.inner_text("#log").split("\n") if line]
+
+
 def chart_points(page: Any, metric: str) -> int:
     return int(page.get_attribute(f'.chart[data-metric="{metric}"]', "data-points") or 0)
 
@@ -123,30 +179,9 @@ def test_a_bad_spec_shows_its_error_at_its_json_path(page, service: Service, dig
 def test_markup_in_names_log_lines_and_metric_names_is_shown_as_text(
     page, service: Service, api: Client, digits
 ):
-    # a cuda job waits on the gpu queue, which this CPU service's workers do not take:
-    # the test claims it as a worker and reports what a hostile run could
-    spec = digits_spec(*digits, epochs=1, name=HOSTILE_NAME)
-    spec["training"]["device"] = "cuda"
-    job = api.submit(spec)
-    worker_token = (Path(service.env["TORCHYARD_HOME"]) / "worker_token").read_text().strip()
-    base = f"{service.url}/api/v1"
-    claim = httpx.post(
-        f"{base}/worker/jobs/{job.id}/claim",
-        json={"worker": "test:1"},
-        headers={"Authorization": f"Bearer {worker_token}"},
-    )
-    assert claim.status_code == 200, claim.text
-    attempt = {"Authorization": f"Bearer {claim.json()['token']}"}
-    logs = httpx.post(
-        f"{base}/worker/jobs/{job.id}/logs", json={"lines": [HOSTILE_LINE]}, headers=attempt
-    )
-    assert logs.status_code == 204, logs.text
-    point = {"name": HOSTILE_METRIC, "step": 1, "epoch": 0, "value": 1.0, "time": 1.0}
-    metrics = httpx.post(
-        f"{base}/worker/jobs/{job.id}/metrics", json={"points": [point]}, headers=attempt
-    )
-    assert metrics.status_code == 200, metrics.text
-
+    job, attempt = reported_job(service, api, digits, HOSTILE_NAME)
+    attempt.log([HOSTILE_LINE])
+    attempt.metrics([{"name": HOSTILE_METRIC, "step": 1, "epoch": 0, "value": 1.0, "time": 1.0}])
     sign_in(page, service.token)
     row = page.wait_for_selector(f'tr[data-job="{job.id}"] .job-name')
     assert row.inner_text() == HOSTILE_NAME
@@ -207,3 +242,79 @@ def test_a_dataset_uploaded_from_the_page_is_listed_with_its_fields(
     fields = row.locator("ul.fields").inner_text()
     assert "x float32 (1, 8, 8)" in fields and "y int64 ()" in fields
     shoot(page, "datasets")
+
+
+def test_a_hidden_page_stops_reading_and_catches_up_with_nothing_lost_or_doubled(
+    page, service: Service, api: Client, digits
+):
+    job, attempt = reported_job(service, api, digits, "hidden")
+    attempt.log(["line 0"])
+    attempt.metrics(step_points(range(0, 10)))
+    sign_in(page, service.token)
+    page.goto(f"/#/jobs/{job.id}")
+    wait_until(lambda: chart_points(page, "loss_step") == 10, timeout=30)
+    wait_until(lambda: log_lines(page) == ["line 0"], timeout=30)
+    # each status event shows when it happened
+    assert page.locator("#status-history li time").count() >= 2
+
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    set_hidden(page, True)
+    page.wait_for_timeout(300)
+    requests.clear()
+    attempt.log(["line 1", "line 2"])
+    attempt.metrics(step_points(range(10, 25)))
+    attempt.log(["line 3"])
+    page.wait_for_timeout(2500)  # the stream would have brought them by now (0.25-s ticks)
+    assert requests == []  # stream closed, timers stopped: a hidden page asks nothing
+    assert log_lines(page) == ["line 0"] and chart_points(page, "loss_step") == 10
+
+    set_hidden(page, False)
+    wait_until(lambda: chart_points(page, "loss_step") == 25, timeout=30)
+    wait_until(lambda: len(log_lines(page)) >= 4, timeout=30)
+    page.wait_for_timeout(1500)  # anything sent twice would be shown by now
+    assert log_lines(page) == ["line 0", "line 1", "line 2", "line 3"]
+    assert chart_points(page, "loss_step") == 25
+    statuses = page.inner_text("#status-history")
+    assert statuses.count("running") == 1  # the resumed stream did not replay the start
+    # and it is live again
+    attempt.log(["line 4"])
+    attempt.metrics(step_points(range(25, 30)))
+    wait_until(lambda: log_lines(page)[-1:] == ["line 4"], timeout=30)
+    wait_until(lambda: chart_points(page, "loss_step") == 30, timeout=30)
+
+
+def test_the_log_tail_keeps_the_last_lines_in_order_as_they_arrive(
+    page, service: Service, api: Client, digits
+):
+    job, attempt = reported_job(service, api, digits, "log tail")
+    sign_in(page, service.token)
+    page.goto(f"/#/jobs/{job.id}")
+    page.wait_for_selector("#charts")
+    for first in range(0, 700, 100):
+        attempt.log([f"line {n}" for n in range(first, first + 100)])
+        page.wait_for_timeout(300)
+    wait_until(lambda: log_lines(page)[-1:] == ["line 699"], timeout=30)
+    shown = log_lines(page)
+    # about the last 500 (whole batches are dropped), none twice, in order, ending at the last
+    assert 500 <= len(shown) < 700
+    first = int(shown[0].split()[1])
+    assert shown == [f"line {n}" for n in range(first, 700)]
+    # a line that arrives later is appended, not the box rebuilt
+    page.evaluate("() => { window.__firstLogNode = document.querySelector('#log').firstChild; }")
+    attempt.log(["line 700"])
+    wait_until(lambda: log_lines(page)[-1:] == ["line 700"], timeout=30)
+    assert page.evaluate(
+        "() => document.querySelector('#log').firstChild === window.__firstLogNode"
+    )
+
+
+def test_y_tick_labels_are_short_enough_for_the_axis(page, service: Service):
+    sign_in(page, service.token)
+    labels = page.evaluate(
+        """async () => { const { tickLabel } = await import("/web/js/charts.js");
+        return [0.0001, 0.00015000000000000001, 0.001, 0.1 + 0.2, 12.75, 0, 2.5e6]
+          .map(tickLabel); }"""
+    )
+    # an lr of 1e-4 no longer needs a wider axis than the chart gives it
+    assert labels == ["1e-4", "1.5e-4", "0.001", "0.3", "12.75", "0", "2.5e6"]

@@ -14,9 +14,10 @@ export function family(name) {
   return name.startsWith("val_") ? name.slice(4) : name;
 }
 
-// Series: name -> {step, epoch, value, time} arrays, appended to as points arrive.
+// Series: name -> {step, epoch, value, time} arrays, appended to as points arrive;
+// `changed` names the series that got points since the page last drew them.
 export class SeriesStore {
-  constructor() { this.series = new Map(); }
+  constructor() { this.series = new Map(); this.changed = new Set(); }
 
   load(columnar) {
     for (const [name, cols] of Object.entries(columnar)) {
@@ -33,6 +34,7 @@ export class SeriesStore {
       const last = s.step.length ? s.step[s.step.length - 1] : -1;
       if (p.step <= last) continue; // already in the history read
       s.step.push(p.step); s.epoch.push(p.epoch); s.value.push(p.value); s.time.push(p.time);
+      this.changed.add(p.name);
     }
     return added;
   }
@@ -104,6 +106,18 @@ function table(store, names, view) {
   return { names: shown, data };
 }
 
+// A y tick's label: the fewest significant digits that still say its value, and the
+// very small or large in exponent form (an lr of 0.00015 reads 1.5e-4).
+export function tickLabel(v) {
+  if (v === null || v === undefined) return "";
+  const abs = Math.abs(v);
+  const exact = Number(v.toPrecision(12));
+  let digits = 1;
+  while (digits < 12 && Number(v.toPrecision(digits)) !== exact) digits++;
+  if (abs !== 0 && (abs < 1e-3 || abs >= 1e6)) return v.toExponential(digits - 1).replace("e+", "e");
+  return String(Number(v.toPrecision(digits)));
+}
+
 // One chart of a family. `fetchRange(names, fromStep, untilStep)` returns columnar data.
 export class MetricChart {
   constructor(container, title, names, store, view, fetchRange) {
@@ -136,7 +150,8 @@ export class MetricChart {
       width, height: 240, series,
       scales: { x: { time: false }, y: { distr: this.view.log ? 3 : 1 } },
       axes: [{ label: { step: "step", epoch: "epoch", time: "seconds" }[this.view.x] },
-        { size: (u, values) => Math.max(40, 16 + 8 * Math.max(0, ...(values ?? []).map((v) => String(v).length))) }],
+        { values: (u, splits) => splits.map(tickLabel),
+          size: (u, values) => Math.max(40, 16 + 8 * Math.max(0, ...(values ?? []).map((v) => String(v).length))) }],
       cursor: { drag: { x: true, y: false, setScale: true } },
       legend: { live: true },
       hooks: {

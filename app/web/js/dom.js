@@ -87,3 +87,20 @@ export function bestText(best) {
   if (!best || best.value === null || best.value === undefined) return "–";
   return `${best.monitor ?? "best"} ${fmtNumber(best.value)} @${best.epoch}`;
 }
+
+// `fn` at most once every `ms`: a call sooner than that after the last run schedules one
+// run for when the time is up (so the last call is never lost, only delayed). `cancel()`
+// drops a scheduled run (a page going hidden); calling again schedules anew.
+export function throttled(fn, ms) {
+  let last = -Infinity;
+  let timer = null;
+  const run = () => { timer = null; last = performance.now(); fn(); };
+  const call = () => {
+    if (timer !== null) return;
+    const wait = last + ms - performance.now();
+    if (wait <= 0) run();
+    else timer = setTimeout(run, wait);
+  };
+  call.cancel = () => { clearTimeout(timer); timer = null; };
+  return call;
+}

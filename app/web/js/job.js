@@ -3,12 +3,17 @@
 
 import { api } from "./api.js";
 import { MetricChart, SeriesStore, ZOOM_POINTS } from "./charts.js";
-import { append, bestText, clear, fmtBytes, fmtDuration, fmtNumber, fmtTime, h, jobDuration, progressCell, statusBadge } from "./dom.js";
+import { append, bestText, clear, fmtBytes, fmtDuration, fmtNumber, fmtTime, h, jobDuration, progressCell, statusBadge, throttled } from "./dom.js";
 
+// An open page must cost little (bench/dashboard.py: ten of them beside a training job),
+// so every live update is coalesced: the stream's events only mark what changed, and
+// timers redraw it at most this often.
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const LOG_LINES = 500;
-const JOB_REFRESH_MS = 5000; // at most this often while metrics stream in (progress, ETA)
-const DRAW_EVERY_MS = 500;
+const DRAW_EVERY_MS = 500; // a chart is never more than this (and a frame) behind its stream
+const LOG_EVERY_MS = 1000; // new log lines go in at most this often
+const JOB_REFRESH_MS = 5000; // GET /jobs/{id} (progress, ETA, best) at most this often
+const CHECKPOINTS_EVERY_MS = 5000; // GET .../checkpoints at most this often while they arrive
 
 export async function renderJob(root, jobId, query = new URLSearchParams()) {
   let job;
@@ -22,8 +27,6 @@ export async function renderJob(root, jobId, query = new URLSearchParams()) {
   const store = new SeriesStore();
   const view = { x: "step", log: false, smoothing: 0, best: job.best, stepsPerEpoch: job.progress?.steps_per_epoch };
   let charts = [];
-  let source = null;
-  let drawScheduled = false;
   let pendingSince = null; // when the oldest undrawn SSE batch arrived
   window.__tyLag = { max: 0, batches: 0 };
 
@@ -75,12 +78,15 @@ export async function renderJob(root, jobId, query = new URLSearchParams()) {
     if (bestMoved) for (const chart of charts) chart.plot.redraw(false);
   }
 
-  let lastJobRead = 0;
-  async function refreshJob(force = false) {
-    if (!force && performance.now() - lastJobRead < JOB_REFRESH_MS) return;
-    lastJobRead = performance.now();
-    try { job = await api(`/jobs/${jobId}`); showHeader(); } catch { /* the stream retries */ }
+  async function refreshJob() {
+    try {
+      const read = await api(`/jobs/${jobId}`);
+      const changed = JSON.stringify(read) !== JSON.stringify(job);
+      job = read;
+      if (changed || !TERMINAL.has(job.status)) showHeader(); // a running job's duration moves on
+    } catch { /* the next event tries again */ }
   }
+  const refreshJobSoon = throttled(refreshJob, JOB_REFRESH_MS);
 
   // ------------------------------------------------------------------ charts
   // about two points a pixel (each bucket gives up to four: first, last, min, max);
@@ -104,31 +110,24 @@ export async function renderJob(root, jobId, query = new URLSearchParams()) {
     for (const [title, names] of store.families()) charts.push(new MetricChart(chartBox, title, names, store, view, fetchRange));
     if (!charts.length) chartBox.replaceChildren(h("p", { class: "muted", id: "no-metrics" }, "No metrics yet."));
     else chartBox.querySelector("#no-metrics")?.remove();
+    store.changed.clear();
   }
 
-  // At most one redraw each DRAW_EVERY_MS: a page left open on a job costs the machine
-  // little, and a chart is never more than that (and a frame) behind its stream.
-  let lastDraw = 0;
-  function scheduleDraw() {
-    if (drawScheduled) return;
-    drawScheduled = true;
-    const wait = Math.max(0, lastDraw + DRAW_EVERY_MS - performance.now());
-    setTimeout(() => requestAnimationFrame(() => {
-      drawScheduled = false;
-      lastDraw = performance.now();
-      for (const chart of charts) chart.refresh();
-      if (pendingSince !== null) {
-        const lag = performance.now() - pendingSince;
-        window.__tyLag.max = Math.max(window.__tyLag.max, lag);
-        window.__tyLag.batches++;
-        pendingSince = null;
-      }
-    }), wait);
-  }
+  // Only the charts whose series got points are drawn again, in the next frame.
+  const draw = throttled(() => requestAnimationFrame(() => {
+    for (const chart of charts) if (chart.names.some((name) => store.changed.has(name))) chart.refresh();
+    store.changed.clear();
+    if (pendingSince !== null) {
+      const lag = performance.now() - pendingSince;
+      window.__tyLag.max = Math.max(window.__tyLag.max, lag);
+      window.__tyLag.batches++;
+      pendingSince = null;
+    }
+  }), DRAW_EVERY_MS);
 
   // the downsampled history and the id of the last event it holds
   const response = await api(`${base}/metrics?max_points=${maxPoints()}&format=columnar`, { raw: true });
-  const lastEventId = response.headers.get("X-Last-Event-Id") || "0";
+  const historyId = response.headers.get("X-Last-Event-Id") || "0";
   store.load(await response.json());
   showHeader();
   rebuildCharts();
@@ -136,68 +135,124 @@ export async function renderJob(root, jobId, query = new URLSearchParams()) {
   requestAnimationFrame(() => { document.body.dataset.chartsDrawn = String(performance.now()); });
 
   // ------------------------------------------------------------------ side panels
+  let checkpointsShown = null; // the rows on screen, as JSON: an unchanged read draws nothing
   async function loadCheckpoints() {
-    try {
-      const rows = await api(`${base}/checkpoints`);
-      clear(checkpointBody);
-      for (const c of rows) {
-        const url = `/api/v1${base}/checkpoints/${c.id}`;
-        checkpointBody.append(h("tr", { dataset: { checkpoint: String(c.id) } },
-          h("td", {}, String(c.epoch)), h("td", {}, c.kind), h("td", {}, String(c.step)),
-          h("td", {}, c.monitor ? `${c.monitor} ${fmtNumber(c.value)}` : ""), h("td", {}, fmtBytes(c.size)),
-          h("td", { class: "downloads" },
-            h("a", { href: url, download: `${jobId}-${c.kind}-${c.epoch}.safetensors`, class: "button", dataset: { format: "safetensors" } }, "safetensors"),
-            h("a", { href: `${url}?format=pt2`, download: `${jobId}-${c.kind}-${c.epoch}.pt2`, class: "button", dataset: { format: "pt2" } }, "pt2"),
-            h("a", { href: `${url}?format=onnx`, download: `${jobId}-${c.kind}-${c.epoch}.onnx`, class: "button", dataset: { format: "onnx" } }, "ONNX"))));
-      }
-      if (!rows.length) checkpointBody.append(h("tr", {}, h("td", { colspan: "6", class: "muted" }, "None yet.")));
-    } catch { /* shown on the next event */ }
+    let rows;
+    try { rows = await api(`${base}/checkpoints`); } catch { return; /* read on the next event */ }
+    const json = JSON.stringify(rows);
+    if (json === checkpointsShown) return;
+    checkpointsShown = json;
+    clear(checkpointBody);
+    for (const c of rows) {
+      const url = `/api/v1${base}/checkpoints/${c.id}`;
+      checkpointBody.append(h("tr", { dataset: { checkpoint: String(c.id) } },
+        h("td", {}, String(c.epoch)), h("td", {}, c.kind), h("td", {}, String(c.step)),
+        h("td", {}, c.monitor ? `${c.monitor} ${fmtNumber(c.value)}` : ""), h("td", {}, fmtBytes(c.size)),
+        h("td", { class: "downloads" },
+          h("a", { href: url, download: `${jobId}-${c.kind}-${c.epoch}.safetensors`, class: "button", dataset: { format: "safetensors" } }, "safetensors"),
+          h("a", { href: `${url}?format=pt2`, download: `${jobId}-${c.kind}-${c.epoch}.pt2`, class: "button", dataset: { format: "pt2" } }, "pt2"),
+          h("a", { href: `${url}?format=onnx`, download: `${jobId}-${c.kind}-${c.epoch}.onnx`, class: "button", dataset: { format: "onnx" } }, "ONNX"))));
+    }
+    if (!rows.length) checkpointBody.append(h("tr", {}, h("td", { colspan: "6", class: "muted" }, "None yet.")));
   }
+  // a checkpoint event (one an epoch) asks for the table; reads of it are coalesced
+  const loadCheckpointsSoon = throttled(loadCheckpoints, CHECKPOINTS_EVERY_MS);
 
   api("/jobs/validate", { method: "POST", json: job.spec })
     .then((r) => clear(summaryBox).append(summaryTable(r.summary)))
     .catch((e) => clear(summaryBox).append(h("p", { class: "muted" }, `summary unavailable: ${e.message}`)));
-  loadCheckpoints();
+  loadCheckpointsSoon();
 
-  const logLines = [];
-  function addLog(lines) {
-    logLines.push(...lines);
-    if (logLines.length > LOG_LINES) logLines.splice(0, logLines.length - LOG_LINES);
-    const atBottom = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 4;
-    logBox.textContent = logLines.join("\n");
-    if (atBottom) logBox.scrollTop = logBox.scrollHeight;
-  }
+  const log = logTail(logBox);
 
   // ------------------------------------------------------------------ the stream
   // From the first event for status, logs and checkpoints; metrics only past the history.
+  // A hidden page closes its stream and timers; shown again, it resumes after the last
+  // event it saw (`after`), so it misses nothing and is sent nothing twice.
+  let source = null;
+  let lastId = 0; // the id of the last event handled
+  let ended = false;
+
   function connect() {
-    source = new EventSource(`/api/v1${base}/events?metrics_after=${lastEventId}`);
-    source.addEventListener("metrics", (e) => {
-      if (pendingSince === null) pendingSince = performance.now();
-      const added = store.add(JSON.parse(e.data).points);
-      if (added) rebuildCharts();
-      scheduleDraw();
-      refreshJob();
+    const q = new URLSearchParams({ metrics_after: historyId });
+    if (lastId) q.set("after", String(lastId));
+    source = new EventSource(`/api/v1${base}/events?${q}`);
+    // (the browser's own reconnect after a dropped line asks the same URL again: from
+    // `after`, not from its Last-Event-ID, so what was handled already is skipped here)
+    const on = (kind, handle) => source.addEventListener(kind, (e) => {
+      const id = Number(e.lastEventId);
+      if (kind !== "end" && id <= lastId) return;
+      lastId = Math.max(lastId, id);
+      handle(JSON.parse(e.data));
     });
-    source.addEventListener("status", (e) => {
-      const data = JSON.parse(e.data);
+    on("metrics", (data) => {
+      if (pendingSince === null) pendingSince = performance.now();
+      if (store.add(data.points)) rebuildCharts();
+      draw();
+      refreshJobSoon();
+    });
+    on("status", (data) => {
       statusList.append(h("li", {}, statusBadge(data.status),
+        data.at ? h("time", { datetime: data.at }, ` ${fmtTime(data.at)}`) : "",
         data.attempt ? ` attempt ${data.attempt}` : "",
         data.worker ? ` on ${data.worker}` : "",
         data.reason ? h("span", { class: "reason" }, ` — ${data.reason}`) : "",
         data.error ? h("span", { class: "reason" }, ` — ${data.error}`) : "",
         data.cancel_requested ? " (cancel requested)" : ""));
-      refreshJob(true);
+      refreshJob();
     });
-    source.addEventListener("log", (e) => addLog(JSON.parse(e.data).lines));
-    source.addEventListener("checkpoint", () => loadCheckpoints());
-    source.addEventListener("end", () => { source.close(); refreshJob(true); loadCheckpoints(); });
+    on("log", (data) => log.add(data.lines));
+    on("checkpoint", () => loadCheckpointsSoon());
+    on("end", () => { ended = true; source.close(); source = null; refreshJob(); loadCheckpoints(); });
   }
-  connect();
 
+  function pause() {
+    source?.close();
+    source = null;
+    pendingSince = null; // a hidden page draws nothing: the lag counts from its return
+    for (const timer of [draw, log.flush, refreshJobSoon, loadCheckpointsSoon]) timer.cancel();
+  }
+
+  function onVisibility() {
+    if (document.hidden) { if (source) pause(); return; }
+    if (ended || source) return;
+    connect();
+    draw();
+    log.flush();
+    refreshJob();
+    loadCheckpointsSoon();
+  }
+
+  if (!document.hidden) connect();
+  document.addEventListener("visibilitychange", onVisibility);
   const onResize = () => charts.forEach((c) => c.resize());
   window.addEventListener("resize", onResize);
-  return () => { source?.close(); window.removeEventListener("resize", onResize); charts.forEach((c) => c.destroy()); };
+  return () => {
+    ended = true;
+    pause();
+    document.removeEventListener("visibilitychange", onVisibility);
+    window.removeEventListener("resize", onResize);
+    charts.forEach((c) => c.destroy());
+  };
+}
+
+// The log tail: new lines go in as one text node a flush (at most once a second), the
+// oldest nodes go once more than LOG_LINES lines are shown; the box is never rebuilt.
+function logTail(box) {
+  const pending = [];
+  const sizes = []; // lines in each text node of the box, oldest first
+  let shown = 0;
+  const flush = throttled(() => {
+    if (!pending.length) return;
+    const atBottom = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+    const lines = pending.splice(0).slice(-LOG_LINES);
+    box.append(document.createTextNode(lines.join("\n") + "\n"));
+    sizes.push(lines.length);
+    shown += lines.length;
+    while (shown - sizes[0] >= LOG_LINES) { shown -= sizes.shift(); box.firstChild.remove(); }
+    if (atBottom) box.scrollTop = box.scrollHeight;
+  }, LOG_EVERY_MS);
+  return { add(lines) { pending.push(...lines); flush(); }, flush };
 }
 
 function chartToolbar(view, changed) {
