@@ -1,7 +1,8 @@
 """Dataset uploads: stream the file into the artifact store, describe it, record it.
 
-The body goes straight to a temp file in the store (`upload_stream`), hashed as it
-arrives; describing reads the stored file with bounded memory and work
+The body (the raw file, or a multipart form) goes straight to a temp file in the
+store (`upload_stream`), hashed as it is written, and is renamed into place;
+describing reads the stored file with bounded memory and work
 (`worker.engine.data.describe`) on a worker thread, so a big upload blocks neither
 the event loop nor other requests.
 """
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from worker.engine.data import DatasetInfo
 
 SUFFIXES = (".npz", ".npy", ".csv", ".parquet")
-FILE_FIELD = "file"
+FILE_FIELD = "file"  # the form's part
+NAME_PARAM = "name"  # a raw body's file name, in the query
 
 
 def display_name(filename: str | None) -> str:
@@ -63,7 +65,7 @@ async def upload_dataset(
         dataset_suffix(names[-1])
 
     with artifacts.writing(limit=settings.max_upload_bytes) as temp:
-        await receive_file(request, FILE_FIELD, on_name=check_name, write=temp.write)
+        await receive_file(request, FILE_FIELD, NAME_PARAM, on_name=check_name, write=temp.write)
         return await run_in_threadpool(
             _store, sessions, artifacts, settings, temp, user_id=user_id, name=names[-1]
         )

@@ -6,9 +6,11 @@ columns counted before a parser ran, memory), never on time.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from tests.app.api_process import ApiProcess
 from tests.app.hostile_files import deflated_zeros, many_members, npy_header, stored, wide_csv
 from tests.app.hostile_files import zip_archive as build_zip
+from torchyard import Client
 
 MIB = 1 << 20
 SCAN_BUDGET = 513 * MIB  # the labels and two members of 256 MiB
@@ -98,6 +101,41 @@ def test_a_csv_is_typed_block_by_block_as_a_whole_file_read_would_type_it(api):
     assert answer["fields"]["x"] == {"shape": [], "dtype": "float64", "num_classes": None}
 
 
+def test_a_100_mb_upload_is_stored_byte_for_byte_in_bounded_memory_both_ways(api, tmp_path):
+    """Raw bytes (what torchyard's client sends) and a multipart form: each is written a
+    few MiB at a time, hashed as it goes, synced and dropped from the page cache every
+    64 MiB; the stored file is the sent one and the API grows by far less than it."""
+    path = tmp_path / "big.npz"
+    rng = np.random.default_rng(1)
+    rows = 200_000
+    np.savez(path, x=rng.normal(size=(rows, 128)).astype(np.float32), y=np.arange(rows) % 7)
+    data = path.read_bytes()
+    assert len(data) > 100e6
+    digest = hashlib.sha256(data).hexdigest()
+    del data
+
+    before = api.reset_peak()
+    with Client(api.url, api.token) as client:
+        raw = client.datasets.upload(path, name="raw.npz")
+    raw_grew = api.peak() - before
+    before = api.reset_peak()
+    with api.client() as client, path.open("rb") as handle:
+        response = client.post("/datasets", files={"file": ("form.npz", handle)})
+    form_grew = api.peak() - before
+    assert response.status_code == 201, response.text
+    form = response.json()
+
+    for body in (raw, form):
+        assert body["sha256"] == digest
+        assert body["rows"] == rows
+        assert body["fields"]["y"]["num_classes"] == 7
+        stored = Path(api.home, "artifacts", "datasets", body["id"], "data.npz")
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+    assert raw_grew < 64 * MIB, raw_grew
+    assert form_grew < 64 * MIB, form_grew
+    assert not api.temp_files()
+
+
 # ------------------------------------------------------------- hang-ups
 
 
@@ -124,6 +162,13 @@ def dropped_connections(api: ApiProcess) -> Iterator[socket.socket]:
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: 50000000\r\n\r\n".encode()
         + part
+        + bytes(2 * MIB),
+    )
+    # the same as raw bytes
+    yield _request(
+        api,
+        "POST /api/v1/datasets?name=a.npz HTTP/1.1",
+        b"Content-Type: application/octet-stream\r\nContent-Length: 50000000\r\n\r\n"
         + bytes(2 * MIB),
     )
     # a job spec cut off mid-JSON

@@ -134,3 +134,35 @@ def test_list_by_a_malformed_sha256_is_422_naming_the_parameter(user):
     response = user.get("/datasets", params={"sha256": "not-a-digest"})
     assert response.status_code == 422
     assert response.json()["detail"][0]["path"] == "query.sha256"
+
+
+def test_a_raw_upload_is_the_same_dataset_as_the_same_file_in_a_form(server, user):
+    """The raw bytes (application/octet-stream, the name in ?name=) skip the multipart parser;
+    what is stored and described is the same, byte for byte."""
+    data = npz_bytes(rows=300, features=8, classes=5)
+    form = upload(user, data, "train.npz")
+    response = user.post(
+        "/datasets",
+        params={"name": "train.npz"},
+        content=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 201, response.text
+    raw = response.json()
+    assert raw["id"] != form["id"]
+    same = ("name", "format", "rows", "size", "sha256", "fields")
+    assert {k: raw[k] for k in same} == {k: form[k] for k in same}
+    assert raw["sha256"] == hashlib.sha256(data).hexdigest()
+    root = server.settings.artifact_dir
+    assert (root / "datasets" / raw["id"] / "data.npz").read_bytes() == data
+    # the name's suffix says the format, as a form's file name does
+    csv = b"a,b,y\n1,2,0\n3,4,1\n"
+    response = user.post(
+        "/datasets",
+        params={"name": "table.csv"},
+        content=csv,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["format"] == "csv"
+    assert response.json()["rows"] == 2

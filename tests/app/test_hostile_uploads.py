@@ -1,7 +1,9 @@
 """Hostile and broken dataset uploads: a clear 4xx naming the file and what is wrong, or
 (for bad values in a column, which are only read when a job uses them) a job that
 fails with a one-line reason. Nothing is ever unpickled, inflated past its limit, or
-written outside the artifact root.
+written outside the artifact root. Every refusal is asserted for both bodies an upload
+can have, a multipart form and the raw bytes (application/octet-stream, ?name=): the
+same status and the same words.
 """
 
 from __future__ import annotations
@@ -22,12 +24,32 @@ def npz(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def post_raw(client, filename: str, data: bytes):
+    headers = {"Content-Type": "application/octet-stream"}
+    return client.post("/datasets", params={"name": filename}, content=data, headers=headers)
+
+
 def refused(client, filename: str, data: bytes, status: int = 422) -> str:
-    response = client.post("/datasets", files={"file": (filename, data)})
-    assert response.status_code == status, (filename, response.status_code, response.text[:300])
-    detail = response.json()["detail"]
-    assert isinstance(detail, str) and detail and "\n" not in detail
-    return detail
+    """The refusal's detail, the same for the file sent as a form and as raw bytes."""
+    details = []
+    for response in (
+        client.post("/datasets", files={"file": (filename, data)}),
+        post_raw(client, filename, data),
+    ):
+        assert response.status_code == status, (filename, response.status_code, response.text[:300])
+        detail = response.json()["detail"]
+        assert isinstance(detail, str) and detail and "\n" not in detail
+        details.append(detail)
+    form, raw = details
+    if status == 413 and form.startswith("request body of "):
+        # refused from Content-Length: the form's is longer by its part headers
+        assert (
+            raw.startswith("request body of ")
+            and raw.split(" bytes ")[1:] == form.split(" bytes ")[1:]
+        )
+    else:
+        assert raw == form
+    return form
 
 
 def snapshot(folder: Path) -> set[Path]:
@@ -178,9 +200,12 @@ def test_a_file_named_like_a_path_never_becomes_one(server, user):
         "..%2f..%2fetc%2fpasswd.npz": "..%2f..%2fetc%2fpasswd.npz",
     }
     for filename, shown in names.items():
-        body = upload(user, npz_bytes(), filename)
-        assert body["name"] == shown
-        assert (root / "datasets" / body["id"] / "data.npz").is_file()
+        for body in (
+            upload(user, npz_bytes(), filename),
+            post_raw(user, filename, npz_bytes()).json(),
+        ):
+            assert body["name"] == shown
+            assert (root / "datasets" / body["id"] / "data.npz").is_file()
     new = snapshot(base) - before
     outside = [p for p in new if not p.resolve().is_relative_to(root)]
     # the database and its journal may grow; nothing else may appear outside the artifact root
@@ -192,10 +217,20 @@ def test_a_multipart_body_without_a_file_is_422_naming_the_field(user):
     response = user.post("/datasets", files={"other": ("x.npz", npz_bytes())})
     assert response.status_code == 422
     assert response.json()["detail"] == [{"path": "body.file", "message": "Field required"}]
+    # raw bytes without ?name=: nothing says what the file is
     response = user.post(
         "/datasets", content=b"raw", headers={"Content-Type": "application/octet-stream"}
     )
     assert response.status_code == 422
+    [issue] = response.json()["detail"]
+    assert issue["path"] == "query.name"
+    assert issue["message"].startswith("Field required (the file's name, e.g. ?name=train.npz")
+    # neither a form nor raw bytes
+    response = user.post("/datasets", params={"name": "x.npz"}, json={"file": "x"})
+    assert response.status_code == 422
+    [issue] = response.json()["detail"]
+    assert issue["path"] == "body.file"
+    assert "application/octet-stream with ?name=" in issue["message"]
 
 
 def test_nan_and_inf_in_data_fail_the_job_with_a_one_line_reason(tmp_path):

@@ -9,13 +9,31 @@ from fastapi import APIRouter, Query, Request, Response
 from app.api.deps import ArtifactsDep, CurrentUser, SessionDep, SessionsDep, SettingsDep, UserAuth
 from app.api.schemas import DatasetOut
 from app.store import datasets
-from app.uploads import delete_dataset, upload_dataset
+from app.uploads import NAME_PARAM, delete_dataset, upload_dataset
 
 # The body is streamed by the route itself (app/upload_stream.py), so it is described here.
 UPLOAD_BODY: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": NAME_PARAM,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "The file's name, for a raw (application/octet-stream) body: "
+            "its suffix says the format (a form's file part carries its own name)",
+        }
+    ],
     "requestBody": {
         "required": True,
         "content": {
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "The file's bytes (.npz, .npy, .csv or .parquet; name in "
+                    "`?name=`): the fastest way, nothing to parse",
+                }
+            },
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -28,9 +46,9 @@ UPLOAD_BODY: dict[str, Any] = {
                         }
                     },
                 }
-            }
+            },
         },
-    }
+    },
 }
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[UserAuth])
@@ -44,7 +62,9 @@ async def upload(
     artifacts: ArtifactsDep,
     settings: SettingsDep,
 ) -> DatasetOut:
-    """Upload a dataset file (the `file` part of a multipart body), described on arrival."""
+    """Upload a dataset file, described on arrival: the raw bytes
+    (`Content-Type: application/octet-stream`, `?name=train.npz`), or the `file` part of
+    a multipart form."""
     dataset = await upload_dataset(sessions, artifacts, settings, user_id=user.id, request=request)
     return DatasetOut.of(dataset)
 
