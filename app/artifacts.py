@@ -4,25 +4,21 @@ Every path is resolved and checked to stay inside the root. Writes stream into
 `<root>/tmp/` while the sha256 is computed, and are renamed into place only when
 complete, so an interrupted upload leaves nothing a download could serve.
 
-A big write is written back and dropped from the page cache as it goes, a window of
-`DROP_BEHIND` bytes behind (Linux): the file never holds more than two windows of
-the cache (nor evicts the database's), the final fsync has little left to write,
-and the cache pages are recycled instead of gigabytes of fresh ones being taken,
-which on a VM can cost several times the disk write (a plain 2 GB copy after 10 s
-idle: 2.0 to 2.7 s synced and dropped every 64 MiB, 9.3 to 13.6 s not).
+A big write is synced and dropped from the page cache every `DROP_BEHIND` bytes
+(Linux): the cache pages are recycled instead of gigabytes of fresh ones being taken,
+which on a VM cost several times the disk write itself (a 2 GB copy after 10 s idle:
+2.0 to 2.7 s dropping behind, 9.3 to 13.6 s not), and the final fsync has little left.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import shutil
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,32 +26,8 @@ from app.errors import NotFound, TooLarge
 
 CHUNK = 1 << 20
 DROP_BEHIND = 64 << 20
-# sync_file_range(2) flags: start writing a range back; wait for it to be on disk
-_START, _WAIT = 2, 1 | 2 | 4
 STALE_TEMP_S = 24 * 3600
 MARK_FILE = "artifact_store_mark"  # the mark the database holds too (app/sweep.py)
-
-
-def _sync_file_range_of_libc() -> Callable[[int, int, int, int], None] | None:
-    """Linux's sync_file_range(2) (not in `os`), raising OSError; None elsewhere."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-
-    def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
-        if function(fd, offset, nbytes, flags) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno))
-
-    return sync_file_range
-
-
-_sync_file_range = _sync_file_range_of_libc()
 
 
 def job_folder(job_id: str) -> str:
@@ -72,8 +44,7 @@ class TempFile:
         self.size = 0
         self._hash = hashlib.sha256()
         self._handle: BinaryIO = path.open("wb")
-        self._dropped = 0  # bytes written back and dropped from the page cache
-        self._started = 0  # bytes whose write-back has been started
+        self._dropped = 0  # bytes synced and dropped from the page cache
 
     def write(self, chunk: bytes | memoryview) -> None:
         self.size += len(chunk)
@@ -81,25 +52,15 @@ class TempFile:
             raise TooLarge(f"upload exceeds the limit of {self.limit:,} bytes")
         self._hash.update(chunk)
         self._handle.write(chunk)
-        if self.size - self._started >= DROP_BEHIND and _sync_file_range is not None:
+        if self.size - self._dropped >= DROP_BEHIND and hasattr(os, "posix_fadvise"):
             self._drop_behind()
 
     def _drop_behind(self) -> None:
-        """Start writing back what came since the last call, and wait for (then drop
-        from the cache) what came before it: the disk writes one window while the
-        next arrives, and no more than two windows of the file are ever cached."""
-        assert _sync_file_range is not None
         self._handle.flush()
         fd = self._handle.fileno()
-        _sync_file_range(fd, self._started, self.size - self._started, _START)
-        if self._started > self._dropped:
-            _sync_file_range(fd, self._dropped, self._started - self._dropped, _WAIT)
-            # DONTNEED leaves dirty pages be: these are clean now, and go
-            os.posix_fadvise(
-                fd, self._dropped, self._started - self._dropped, os.POSIX_FADV_DONTNEED
-            )
-            self._dropped = self._started
-        self._started = self.size
+        os.fdatasync(fd)  # DONTNEED leaves dirty pages be; once clean they go
+        os.posix_fadvise(fd, self._dropped, self.size - self._dropped, os.POSIX_FADV_DONTNEED)
+        self._dropped = self.size
 
     def copy_from(self, source: BinaryIO) -> None:
         while chunk := source.read(CHUNK):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 
 import pytest
 
@@ -49,23 +48,3 @@ def test_an_interrupted_write_leaves_no_file(tmp_path):
         temp.write(b"x" * 11)
     assert list(store.tmp.iterdir()) == []
     assert not (tmp_path / "datasets").exists()
-
-
-def test_a_write_of_many_windows_is_dropped_behind_and_stored_intact(tmp_path, monkeypatch):
-    """Written back and dropped from the page cache a window behind (1 MiB here, 64 MiB
-    in the service), in pieces that straddle the windows: every byte arrives, in order."""
-    from app import artifacts
-
-    monkeypatch.setattr(artifacts, "DROP_BEHIND", 1 << 20)
-    store = ArtifactStore(tmp_path / "root")
-    data = os.urandom(10 * (1 << 20) + 12345)
-    view = memoryview(data)
-    with store.writing() as temp:
-        for start in range(0, len(data), 300_001):
-            temp.write(view[start : start + 300_001])
-        if artifacts._sync_file_range is not None:  # Linux
-            assert 8 << 20 <= temp._dropped < temp._started <= len(data)
-        path = store.commit(temp, "datasets/a/data.bin")
-    assert temp.size == len(data)
-    assert temp.sha256 == hashlib.sha256(data).hexdigest()
-    assert path.read_bytes() == data
