@@ -6,8 +6,8 @@ complete, so an interrupted upload leaves nothing a download could serve.
 
 A big write is synced and dropped from the page cache every `DROP_BEHIND` bytes
 (Linux): the cache pages are recycled instead of gigabytes of fresh ones being taken,
-which on a VM cost several times the disk write itself (a 2 GB copy after 10 s idle:
-2.0 to 2.7 s dropping behind, 9.3 to 13.6 s not), and the final fsync has little left.
+which on a VM cost several times the disk write itself (a 2 GB copy: 2 s dropping
+behind, 9 to 13 s not), and the final fsync has little left to write.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class TempFile:
         self.size = 0
         self._hash = hashlib.sha256()
         self._handle: BinaryIO = path.open("wb")
-        self._dropped = 0  # bytes synced and dropped from the page cache
 
     def write(self, chunk: bytes | memoryview) -> None:
         self.size += len(chunk)
@@ -52,15 +51,6 @@ class TempFile:
             raise TooLarge(f"upload exceeds the limit of {self.limit:,} bytes")
         self._hash.update(chunk)
         self._handle.write(chunk)
-        if self.size - self._dropped >= DROP_BEHIND and hasattr(os, "posix_fadvise"):
-            self._drop_behind()
-
-    def _drop_behind(self) -> None:
-        self._handle.flush()
-        fd = self._handle.fileno()
-        os.fdatasync(fd)  # DONTNEED leaves dirty pages be; once clean they go
-        os.posix_fadvise(fd, self._dropped, self.size - self._dropped, os.POSIX_FADV_DONTNEED)
-        self._dropped = self.size
 
     def copy_from(self, source: BinaryIO) -> None:
         while chunk := source.read(CHUNK):
