@@ -3,11 +3,6 @@
 Every path is resolved and checked to stay inside the root. Writes stream into
 `<root>/tmp/` while the sha256 is computed, and are renamed into place only when
 complete, so an interrupted upload leaves nothing a download could serve.
-
-A big write is synced and dropped from the page cache every `DROP_BEHIND` bytes
-(Linux): the cache pages are recycled instead of gigabytes of fresh ones being taken,
-which on a VM cost several times the disk write itself (a 2 GB copy: 2 s dropping
-behind, 9 to 13 s not), and the final fsync has little left to write.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ from typing import BinaryIO
 from app.errors import NotFound, TooLarge
 
 CHUNK = 1 << 20
-DROP_BEHIND = 64 << 20
 STALE_TEMP_S = 24 * 3600
 MARK_FILE = "artifact_store_mark"  # the mark the database holds too (app/sweep.py)
 

@@ -1,7 +1,8 @@
 """Dataset uploads: stream the file into the artifact store, describe it, record it.
 
 The body (the raw file, or a multipart form) goes straight to a temp file in the
-store (`upload_stream`), hashed as it is written, and is renamed into place; describing reads the stored file with bounded memory and work
+store (`upload_stream`), hashed as it is written, and is renamed into place;
+describing reads the stored file with bounded memory and work
 (`worker.engine.data.describe`) on a worker thread, so a big upload blocks neither
 the event loop nor other requests.
 """
