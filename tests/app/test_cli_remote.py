@@ -4,6 +4,7 @@ real API (served by this test process over real HTTP), through `torchyard.Client
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -31,7 +32,8 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture
 def env(sqlite_server: Server) -> dict[str, str]:
     with session_scope(sqlite_server.sessions) as session:
-        _, token = users.create_user_with_token(session, f"cli-{id(session)}")
+        # a fresh name each: id() of a collected session may come back for the next test
+        _, token = users.create_user_with_token(session, f"cli-{secrets.token_hex(6)}")
     return {"TORCHYARD_URL": sqlite_server.url, "TORCHYARD_TOKEN": token}
 
 
