@@ -12,6 +12,7 @@ export async function renderJobs(root) {
   let cursors = [null]; // the cursor of each page seen, for Previous
   const selected = new Set();
   let timer = null;
+  let stopped = false; // the view was left: a read in flight must not start the next
 
   const controls = h("form", { class: "filters", id: "job-filters" });
   const fields = {
@@ -47,6 +48,7 @@ export async function renderJobs(root) {
     if (cursor) params.set("cursor", cursor);
     try {
       const page = await api(`/jobs?${params}`);
+      if (stopped) return;
       clear(body);
       if (!page.jobs.length) body.append(h("tr", {}, h("td", { colspan: "9", class: "muted" }, "No jobs yet.")));
       for (const job of page.jobs) body.append(row(job));
@@ -56,7 +58,7 @@ export async function renderJobs(root) {
     } catch (error) {
       clear(body).append(h("tr", {}, h("td", { colspan: "9", class: "error" }, error.message)));
     }
-    if (!document.hidden) timer = setTimeout(load, REFRESH_MS);
+    if (!document.hidden && !stopped) timer = setTimeout(load, REFRESH_MS);
   }
 
   function row(job) {
@@ -80,5 +82,5 @@ export async function renderJobs(root) {
   const onVisible = () => { if (!document.hidden) load(); };
   document.addEventListener("visibilitychange", onVisible);
   await load();
-  return () => { clearTimeout(timer); document.removeEventListener("visibilitychange", onVisible); };
+  return () => { stopped = true; clearTimeout(timer); document.removeEventListener("visibilitychange", onVisible); };
 }

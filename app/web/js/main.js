@@ -21,7 +21,10 @@ const routes = [
   [/^#\/jobs$/, () => renderJobs(root)],
 ];
 
+let routed = 0; // which call of route() is the newest: an older one's view is not shown
+
 async function route() {
+  const mine = ++routed;
   if (cleanup) { cleanup(); cleanup = null; }
   clear(root);
   if (!session) { renderSignIn(); return; }
@@ -30,7 +33,10 @@ async function route() {
     const match = path.match(pattern);
     if (match) {
       document.body.dataset.view = pattern.source;
-      cleanup = (await render(match, new URLSearchParams(query || ""))) || null;
+      const done = (await render(match, new URLSearchParams(query || ""))) || null;
+      // navigated away while this view was loading: stop it now (its timers, its stream)
+      if (mine !== routed) done?.();
+      else cleanup = done;
       return;
     }
   }
