@@ -245,6 +245,13 @@ def release(session: Session, ref: AttemptRef, reason: str, *, lost: bool = Fals
             raise StaleAttempt()
         jobs.announce_end(session, job.id, "cancelled", stop_reason=stop_reason)
         return Released(jobs.lock(session, job.id), requeued=False)
+    if not _requeue(session, job, now, reason):
+        raise StaleAttempt()
+    return Released(jobs.lock(session, job.id), requeued=True)
+
+
+def _requeue(session: Session, job: Job, now: datetime, reason: str) -> bool:
+    """`running -> queued` as attempt + 1, with its status event; False if not running."""
     n = job.attempt + 1
     if not jobs.transition(
         session,
@@ -255,9 +262,9 @@ def release(session: Session, ref: AttemptRef, reason: str, *, lost: bool = Fals
         lease_expires_at=None,
         dispatched_at=now,
     ):
-        raise StaleAttempt()
+        return False
     events.append(session, job.id, "status", {"status": "queued", "attempt": n, "reason": reason})
-    return Released(jobs.lock(session, job.id), requeued=True)
+    return True
 
 
 def _released_count(session: Session, job_id: str) -> int:
@@ -297,20 +304,7 @@ def _requeue_or_fail(
             jobs.announce_end(session, job.id, "cancelled", stop_reason=values["stop_reason"])
         return False
     if job.attempt < job.max_restarts + 1 + released:
-        n = job.attempt + 1
-        if not jobs.transition(
-            session,
-            job.id,
-            "running",
-            status="queued",
-            attempt=n,
-            lease_expires_at=None,
-            dispatched_at=now,
-        ):
-            return False
-        payload = {"status": "queued", "attempt": n, "reason": event_reason or reason}
-        events.append(session, job.id, "status", payload)
-        return True
+        return _requeue(session, job, now, event_reason or reason)
     error = f"{reason} on attempt {job.attempt} of {job.max_restarts + 1 + released}"
     if jobs.transition(
         session, job.id, "running", **jobs.finish_values("failed", now, error=error)
