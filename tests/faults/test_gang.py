@@ -18,6 +18,7 @@ from tests.faults.conftest import FAST_RECOVERY, checkpoints_of, spec_for, wait_
 from tests.faults.test_data_parallel_worker import assert_matches, local_reference
 from tests.faults.test_stop import attempts_of, rows, wait_mid_training
 from tests.test_service_e2e import upload_digits, wait_for
+from torchyard import Client
 
 EPOCHS = 8
 ON_LOOPBACK = {"TORCHYARD_RENDEZVOUS_HOST": "127.0.0.1"}
@@ -27,6 +28,16 @@ def two_node_spec(train_id: str, val_id: str) -> dict:
     spec = spec_for(train_id, val_id, epochs=EPOCHS, log_every_n_steps=5)
     spec["resources"] = {"processes": 1, "nodes": 2}
     return spec
+
+
+def submit_to_two_workers(built, examples_dir: Path) -> tuple[Client, dict, str]:
+    """Workers w0 and w1 on 127.0.0.1, listening; a 2-node job submitted to them."""
+    for name in ("w0", "w1"):
+        built.start_worker(name, **ON_LOOPBACK)
+    client = built.client()
+    spec = two_node_spec(*upload_digits(client, examples_dir))
+    built.wait_workers_listening()
+    return client, spec, client.submit(spec).id
 
 
 @pytest.fixture
@@ -44,13 +55,7 @@ def test_two_workers_form_a_two_node_gang_that_trains_as_two_ranks_on_one_node(
     stack, examples_dir, tmp_path
 ):
     built = stack(**FAST_RECOVERY, TORCHYARD_GANG_WAIT_S="120")
-    for name in ("w0", "w1"):
-        built.start_worker(name, **ON_LOOPBACK)
-    client = built.client()
-    train_id, val_id = upload_digits(client, examples_dir)
-    spec = two_node_spec(train_id, val_id)
-    built.wait_workers_listening()
-    job_id = client.submit(spec).id
+    client, spec, job_id = submit_to_two_workers(built, examples_dir)
 
     final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
@@ -95,13 +100,7 @@ def test_a_killed_node_loses_the_attempt_at_once_and_the_job_resumes_on_a_fresh_
 ):
     # a lease far longer than the test's wait: the loss is seen by node 0, not the lease
     built = stack(**{**FAST_RECOVERY, "TORCHYARD_LEASE_S": "600"}, TORCHYARD_GANG_WAIT_S="120")
-    for name in ("w0", "w1"):
-        built.start_worker(name, **ON_LOOPBACK)
-    client = built.client()
-    train_id, val_id = upload_digits(client, examples_dir)
-    spec = two_node_spec(train_id, val_id)
-    built.wait_workers_listening()
-    job_id = client.submit(spec).id
+    client, spec, job_id = submit_to_two_workers(built, examples_dir)
     wait_mid_training(lambda: checkpoints_of(built, job_id), client, job_id)
 
     gang = "SELECT member, worker FROM gang_members WHERE job_id = ? AND n = ? ORDER BY member"
