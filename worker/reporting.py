@@ -216,13 +216,10 @@ class Uploader:
                 if kind == "metrics":
                     self.points_in_memory -= len(body)
             since = time.monotonic() - self._last_heartbeat
-            fresh_progress = self.progress != self._progress_sent and since >= 1.0
+            # at most a heartbeat a second for progress, but the last one always (flush)
+            fresh_progress = self.progress != self._progress_sent and (since >= 1.0 or flush)
             if fresh_progress or since >= self.heartbeat_every:
-                progress = dict(self.progress)
-                if self.client.heartbeat(self.job_id, progress):
-                    self.cancel.set()
-                self._progress_sent = progress
-                self._last_heartbeat = time.monotonic()
+                self._heartbeat()
             self._backoff = 0.5
         except ApiUnavailable as exc:
             log.warning("API unreachable, buffering reports: %s", exc)
@@ -231,9 +228,28 @@ class Uploader:
             # the API gives workers after it (or its database) comes back.
             self._backoff = min(self._backoff * 2, 10.0, self.heartbeat_every)
         except StaleAttempt:
-            log.warning("job %s: this attempt is stale; stopping", self.job_id)
-            self.stale = True
+            self._went_stale()
+
+    def heartbeat(self) -> None:
+        """Heartbeat now (the last progress again): sets `stale` when the attempt has ended."""
+        try:
+            self._heartbeat()
+        except ApiUnavailable as exc:
+            log.warning("API unreachable: %s", exc)
+        except StaleAttempt:
+            self._went_stale()
+
+    def _went_stale(self) -> None:
+        log.warning("job %s: this attempt is stale; stopping", self.job_id)
+        self.stale = True
+        self.cancel.set()
+
+    def _heartbeat(self) -> None:
+        progress = dict(self.progress)
+        if self.client.heartbeat(self.job_id, progress):
             self.cancel.set()
+        self._progress_sent = progress
+        self._last_heartbeat = time.monotonic()
 
     def _send(self, kind: str, body: Any) -> None:
         if kind == "metrics":

@@ -41,6 +41,8 @@ log = logging.getLogger("torchyard.worker")
 
 FORMAT_SUFFIX = {"npz": ".npz", "npy": ".npy", "csv": ".csv", "parquet": ".parquet"}
 FINISH_RETRY_S = 600.0
+# How long node 0 of a gang waits for a failed peer node's own report (_ended_by_another_node).
+PEER_REPORT_GRACE_S = 5.0
 # From the stop signal to the job released. `serve` and `worker` must be gone within
 # 5 s of SIGINT or SIGTERM, and Docker sends SIGKILL 10 s after SIGTERM; the rest is
 # Celery's own shutdown.
@@ -379,21 +381,44 @@ def _watch(
             status, result = "cancelled", {"error": None}
 
     if claim.place is not None and claim.place["member"] != 0:
+        member = claim.place["member"]
+        if status == "failed" and not result.get("lost"):
+            # This node's own ranks failed (bad data on its disk, a bug): node 0 only
+            # sees a peer gone, so this node says why, and the job fails rather than
+            # restarting into the same failure.
+            error = f"node {member}: {result.get('error') or 'failed'}"
+            return _finish(api, claim.job_id, "failed", {**result, "error": error})
         # Node 0 reports the run and finishes the job; this node's ranks only trained.
-        log.info("job %s: node %s done (%s)", claim.job_id, claim.place["member"], status)
-        return f"node {claim.place['member']} done"
+        log.info("job %s: node %s done (%s)", claim.job_id, member, status)
+        return f"node {member} done"
 
     deadline = time.monotonic() + FINISH_RETRY_S
+    uploader.pump(flush=True)  # what is pending, and the run's last progress
     while not uploader.idle and not uploader.stale and time.monotonic() < _until(deadline):
         uploader.pump(flush=True)
         uploader.drain(timeout=0.2)
     if uploader.stale:
         return "stale"
     if status == "failed" and result.get("lost"):
+        if claim.place is not None and _ended_by_another_node(uploader):
+            return "stale"  # a node whose own ranks failed has failed the job
         # A rank or node of the run died: the attempt is lost, not the job failed. The
         # job restarts (within max_restarts) from the last checkpoint delivered above.
         return _lose(api, claim.job_id, str(result.get("error") or "a rank was lost"), deadline)
     return _finish(api, claim.job_id, status, result, deadline)
+
+
+def _ended_by_another_node(uploader: Uploader) -> bool:
+    """Node 0 lost a peer: wait a moment for that node to fail the job with its own reason.
+
+    A node whose ranks failed (not died) reports the failure itself, at about the
+    time node 0 sees the peer gone; reporting the attempt lost first would restart
+    the job into the same failure. True when the attempt has ended meanwhile."""
+    end = time.monotonic() + PEER_REPORT_GRACE_S
+    while not uploader.stale and time.monotonic() < end:
+        time.sleep(0.25)
+        uploader.heartbeat()
+    return uploader.stale
 
 
 def _hand_back(api: WorkerClient, uploader: Uploader, job_id: str) -> str:

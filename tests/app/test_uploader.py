@@ -80,3 +80,29 @@ def test_a_held_batch_goes_at_once_at_the_end_or_before_a_later_report(
     assert user.get(f"/jobs/{job_id}/logs").json()["lines"] == ["epoch 0 of 1: loss 3"]
     assert uploader.idle
     client.close()
+
+
+def test_progress_goes_at_most_once_a_second_but_the_last_always_goes_at_the_end(
+    server, user, queued_job, tmp_path
+):
+    job_id = queued_job["id"]
+    uploader, inbox, client = uploader_for(server, job_id, tmp_path, hold_s=0.0)
+
+    def progress() -> dict:
+        return user.get(f"/jobs/{job_id}").json()["progress"]
+
+    inbox.put(("progress", {"epoch": 1, "epochs": 3, "step": 45}))
+    uploader.drain()
+    uploader.pump()
+    sent_at = time.monotonic()
+    assert progress()["step"] == 45
+    # the run ends within the second: a pump is too soon for a heartbeat...
+    inbox.put(("progress", {"epoch": 3, "epochs": 3, "step": 135}))
+    uploader.drain()
+    uploader.pump()
+    if time.monotonic() - sent_at < 0.9:  # (a loaded machine may take longer)
+        assert progress()["step"] == 45
+    # ...but the flush at the end delivers the run's last progress
+    uploader.pump(flush=True)
+    assert progress()["step"] == 135 and progress()["epochs"] == 3
+    client.close()

@@ -132,3 +132,35 @@ def test_a_killed_node_loses_the_attempt_at_once_and_the_job_resumes_on_a_fresh_
     local = {**spec, "resources": {"processes": 2}}
     reference = local_reference(local, examples_dir, tmp_path / "reference")
     assert_matches(built, client, job_id, reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_node_whose_own_ranks_fail_fails_the_job_with_its_reason_rather_than_restarting(
+    stack, examples_dir, tmp_path
+):
+    # a lease far longer than the test's wait: the failure is reported by node 1 itself
+    built = stack(**{**FAST_RECOVERY, "TORCHYARD_LEASE_S": "600"}, TORCHYARD_GANG_WAIT_S="120")
+    built.start_worker("w0", **ON_LOOPBACK)
+    client = built.client()
+    train = client.datasets.upload(examples_dir / "data" / "digits_train.npz")
+    val = client.datasets.upload(examples_dir / "data" / "digits_val.npz")
+    built.wait_workers_listening()
+    job_id = client.submit(two_node_spec(train["id"], val["id"])).id
+    gang = "SELECT member, worker FROM gang_members WHERE job_id = ? ORDER BY member"
+    wait_for(lambda: [m for m, _ in rows(tmp_path, gang, job_id)] == [0], timeout=60)
+
+    # w1, node 1, holds a damaged copy of the training file in its dataset cache (a
+    # bad disk, a copy cut short): its ranks fail reading it; node 0's read it fine
+    # and only see their peer gone.
+    cache = built.folder / "work-w1" / "datasets"
+    cache.mkdir(parents=True)
+    (cache / f"{train['sha256']}.npz").write_bytes(b"PK\x03\x04 cut short")
+    built.start_worker("w1", **ON_LOOPBACK)
+
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 300)
+    assert final["status"] == "failed", built.tail()
+    assert final["error"].startswith("node 1: "), final["error"]
+    assert "digits_train.npz" in final["error"] or "zip" in final["error"], final["error"]
+    # failed once, with node 1's reason: not restarted into the same failure
+    assert attempts_of(tmp_path, job_id) == [(1, "failed")]
+    assert [w.split(":")[0] for _, w in rows(tmp_path, gang, job_id)] == ["w0", "w1"]
