@@ -18,7 +18,7 @@ from kombu.exceptions import ChannelError
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from worker.settings import QUEUES
+from worker.settings import QUEUES, gpu_queue
 from worker.settings import celery_config as worker_celery_config
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,16 @@ __all__ = ["QUEUES", "Dispatcher", "queue_for", "send_after_commit"]
 
 
 def queue_for(spec: Any, *, gpu_first: bool = True) -> str:
-    """`gpu` for jobs that need one (resources.gpus 1, or a cuda device), `cpu` for jobs
-    that must not take one, `auto` for the rest (device auto): a free GPU worker takes
-    them, and the reconciler hands them to the `cpu` queue after auto_gpu_wait_s.
-    `gpu_first=False` (auto_gpu_wait_s 0: no GPU workers) sends those to `cpu` at once."""
+    """`gpu` for jobs that need one (resources.gpus 1, or a cuda device), `gpuN` for jobs
+    of N GPUs a node, `cpu` for jobs that must not take one, `auto` for the rest (device
+    auto): a free GPU worker takes them, and the reconciler hands them to the `cpu`
+    queue after auto_gpu_wait_s. `gpu_first=False` (auto_gpu_wait_s 0: no GPU workers)
+    sends those to `cpu` at once."""
     gpus = spec.resources.gpus
     device = spec.training.device
-    if gpus == 1 or (gpus is None and device.startswith("cuda")):
+    if gpus:
+        return gpu_queue(gpus)
+    if gpus is None and device.startswith("cuda"):
         return "gpu"
     if gpus == 0 or device == "cpu":
         return "cpu"
@@ -58,11 +61,22 @@ class Dispatcher:
         self.celery = Celery("torchyard-api", set_as_current=False)
         self.celery.conf.update(celery_config(broker_url, home))
         self._lock = threading.Lock()
+        self._queues = set(QUEUES)  # whose depths the reconciler reads
+
+    def watched_queues(self) -> list[str]:
+        """The queues whose depths the reconciler reads: ours, and each `gpuN` seen."""
+        with self._lock:
+            return sorted(self._queues)
+
+    def watch(self, queue: str) -> None:
+        with self._lock:
+            self._queues.add(queue)
 
     def send(self, job_id: str, queue: str) -> bool:
         """Publish the task; False (logged) when the broker is unreachable."""
         try:
             with self._lock:
+                self._queues.add(queue)
                 self.celery.send_task(
                     TASK_NAME, args=[job_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY
                 )

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Sessions, session_scope
-from app.dispatch import QUEUES, Dispatcher, send_after_commit
+from app.dispatch import Dispatcher, send_after_commit
 from app.errors import DatabaseUnavailable
 from app.models import utcnow
 from app.store import attempts, gangs, jobs
@@ -41,12 +41,12 @@ def reconcile(
     """
     # Ask the broker before the first query: on SQLite the transaction holds the
     # write lock, and a slow broker must not hold up every writer.
-    depths = {queue: dispatch.queue_depth(queue) for queue in QUEUES}
+    depths = {queue: dispatch.queue_depth(queue) for queue in dispatch.watched_queues()}
     now = utcnow()
     report = Report()
     # Lost messages first: jobs requeued below have not been sent yet, and would
     # otherwise count as lost.
-    for job_id, queue in _lost_wakeups(session, settings, depths, now):
+    for job_id, queue in _lost_wakeups(session, settings, dispatch, depths, now):
         send_after_commit(session, dispatch, job_id, queue)
         report.resent.append(job_id)
     for job in attempts.expire(session, now) if expire_leases else []:
@@ -77,17 +77,25 @@ def _auto_to_cpu(session: Session, settings: Settings, now: datetime) -> list[st
 
 
 def _lost_wakeups(
-    session: Session, settings: Settings, depths: dict[str, int | None], now: datetime
+    session: Session,
+    settings: Settings,
+    dispatch: Dispatcher,
+    depths: dict[str, int | None],
+    now: datetime,
 ) -> list[tuple[str, str]]:
     """Queued jobs unclaimed for requeue_after_s whose message is no longer in the broker.
 
     A queue holding fewer messages than it has queued jobs has lost some; the jobs
     waiting longest since their last send get a new one. A job merely waiting its
-    turn behind busy workers still has its message, so it is not sent twice.
+    turn behind busy workers still has its message, so it is not sent twice. A queue
+    this process has not seen yet (a `gpuN` another API process sent to) is read from
+    the next round on.
     """
     cutoff = now - timedelta(seconds=settings.requeue_after_s)
     lost: list[tuple[str, str]] = []
     for queue, queued in sorted(jobs.queued_by_queue(session).items()):
+        if queue not in depths:
+            dispatch.watch(queue)
         depth = depths.get(queue)
         if depth is None or queued <= depth:
             continue  # broker unreachable (a send would fail too), or nothing lost

@@ -41,20 +41,6 @@ def preload() -> None:
     import worker.engine.spec  # noqa: F401
 
 
-def _check_resources(resources: Any) -> None:
-    """A worker starts the ranks of one node itself (worker/ranks.py), and a job of
-    several nodes runs on a gang of workers (app/store/gangs.py); a worker holds one
-    GPU (`--gpu N`)."""
-    from worker.engine.errors import SpecError
-
-    if (resources.gpus or 0) > 1:
-        raise SpecError.at(
-            "resources.gpus",
-            f"a service worker trains on one GPU, found {resources.gpus}; use processes "
-            f"(CPU ranks) here, or run {resources.gpus} GPU ranks with `torchyard train`",
-        )
-
-
 def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) -> CheckedSpec:
     """Everything that can be known before training: schema, datasets, fields, graph, shapes, size.
 
@@ -74,7 +60,6 @@ def check_spec(session: Session, user_id: int, body: bytes, settings: Settings) 
             "training.epochs",
             f"this service runs at most {settings.max_epochs} epochs, found {spec.training.epochs}",
         )
-    _check_resources(spec.resources)
     refs = dataset_refs(spec)
     found = datasets.get_many(session, user_id, set(refs.values()))
     missing = [

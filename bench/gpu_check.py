@@ -30,12 +30,14 @@ Checks (each a row; all on every visible GPU's behalf where it matters):
   service does (queue, `--gpu i` worker, spawned child): `auto` jobs land on GPU
   workers, two GPUs run two jobs at once on different GPUs; a DataLoader-worker
   job and a compiled job succeed. Each job's best val_accuracy is within
-  ACCURACY_TOLERANCE of the same spec trained on the CPU.
+  ACCURACY_TOLERANCE of the same spec trained on the CPU. With two GPUs, a job of
+  `resources.gpus: 2` (queue gpu2) on `serve --gpus-per-worker 2`'s worker.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,30 +328,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def check_service(
-    data: Path, tmp: Path, gpus: int, cpu_best: dict[str, float], on: str = "cuda"
-) -> str:
-    """`on="cpu"` (--cpu): one auto job on a CPU worker, to test this check's own plumbing."""
+@contextlib.contextmanager
+def served(tmp: Path, *args: str) -> Iterator[tuple[Any, Callable[..., Any]]]:
+    """`torchyard serve ARGS` in a home of its own: a client, and `wait(condition, timeout)`
+    that fails early (with the serve log) if serve exits."""
     from torchyard import Client
 
-    workers = max(1, min(gpus, 2))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp / "home")}
     for key in ("TORCHYARD_TOKEN", "TORCHYARD_DATABASE_URL", "TORCHYARD_BROKER_URL"):
         env.pop(key, None)
+    tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "serve.log"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers)],
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+    def waiting(condition: Callable[[], Any], timeout: float) -> Any:
+        return wait(condition, timeout, serve, log)
+
     try:
-        token = wait(lambda: re.search(r"TORCHYARD_TOKEN=(\S+)", log.read_text()), 120, serve, log)
+        token = waiting(lambda: re.search(r"TORCHYARD_TOKEN=(\S+)", log.read_text()), 120)
         url = f"http://127.0.0.1:{port}"
-        wait(lambda: ready(url), 120, serve, log)
-        client = Client(url, token.group(1))
+        waiting(lambda: ready(url), 120)
+        yield Client(url, token.group(1)), waiting
+    finally:
+        os.killpg(serve.pid, 15)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, 9)
+
+
+def check_service(
+    data: Path, tmp: Path, gpus: int, cpu_best: dict[str, float], on: str = "cuda"
+) -> str:
+    """`on="cpu"` (--cpu): one auto job on a CPU worker, to test this check's own plumbing."""
+    workers = max(1, min(gpus, 2))
+    with served(tmp / "service", "--workers", str(workers)) as (client, waiting):
         train = client.datasets.upload(data / "digits_train.npz")["id"]
         val = client.datasets.upload(data / "digits_val.npz")["id"]
 
@@ -365,8 +385,7 @@ def check_service(
             jobs["cuda, 2 loader workers"] = client.submit(loader).info
             jobs["cuda, compile"] = client.submit(service_spec(device="cuda", compile=True)).info
         done = {
-            name: wait(lambda j=job: ended(client, j["id"]), 420, serve, log)
-            for name, job in jobs.items()
+            name: waiting(lambda j=job: ended(client, j["id"]), 420) for name, job in jobs.items()
         }
         problems, devices = [], {}
         for name, job in done.items():
@@ -391,12 +410,33 @@ def check_service(
         # "device: cuda:0 (NVIDIA H200, sm_90, 139 GiB, pci 0000:1a:00), ..." -> "pci 0000:1a:00"
         shown = sorted({d.split(", pci ")[-1].split(")")[0] for d in devices.values()})
         return f"{len(done)} jobs on {workers} {on} worker(s): {', '.join(shown)}"
-    finally:
-        os.killpg(serve.pid, 15)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, 9)
+
+
+def check_service_gpu_set(data: Path, tmp: Path, on: str = "cuda") -> str:
+    """A 2-GPU job (queue gpu2) on a worker holding GPUs 0 and 1 (`--gpus-per-worker 2`).
+
+    `on="cpu"` (--cpu): a job of 2 CPU ranks on a CPU worker, to test the plumbing."""
+    with served(tmp / "gpu-set", "--workers", "1", "--gpus-per-worker", "2") as (
+        client,
+        waiting,
+    ):
+        if on == "cuda":
+            doc, queue = ddp_spec(data, gpus=2), "gpu2"
+        else:
+            doc, queue = ddp_spec(data, processes=2), "cpu"
+            doc["training"].update(device="cpu", sync_batchnorm=False)
+        doc["data"].update(
+            train=client.datasets.upload(data / "digits_train.npz")["id"],
+            validation=client.datasets.upload(data / "digits_val.npz")["id"],
+        )
+        job = client.submit(doc).info
+        assert job["queue"] == queue, job["queue"]
+        done = waiting(lambda: ended(client, job["id"]), 420)
+        assert done["status"] == "succeeded", f"{done['status']}: {done.get('error')}"
+        lines = client.job(job["id"]).logs()
+        device = next((line for line in lines if line.startswith("device: ")), "")
+        assert device.startswith(f"device: {on}"), device or "no device line"
+        return f"2 ranks on the worker's set (queue {queue}); rank 0 {device.split(' (')[0]}"
 
 
 def ready(url: str) -> bool:
@@ -491,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         if gpus >= 2:
             check.run("data-parallel 2 GPUs = 1 GPU", lambda: check_ddp_matches_one_gpu(data, tmp))
             check.run("data-parallel rank killed", lambda: check_ddp_rank_killed(data, tmp))
+            check.run("service: a 2-GPU job", lambda: check_service_gpu_set(data, tmp))
+        elif args.cpu:
+            check.run("service: a 2-rank job", lambda: check_service_gpu_set(data, tmp, "cpu"))
         else:
             check.skip("data-parallel (2 GPUs)", "needs 2 GPUs")
         check.run(

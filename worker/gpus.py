@@ -1,6 +1,6 @@
-"""Is CUDA usable here, and if not, why; which GPU worker i gets.
+"""Is CUDA usable here, and if not, why; which GPUs worker i gets.
 
-A `--gpu N` worker refuses to start unless `cuda_problem()` is None, so a
+A `--gpu N` (or `--gpu 0,1`) worker refuses to start unless `cuda_problem()` is None, so a
 mis-built image or an old driver fails at start with a reason, not as a job
 that fails (or runs on the CPU) later.
 
@@ -159,9 +159,26 @@ def _runs_on(built: list[str], major: int, minor: int) -> bool:
     return False
 
 
-def gpu_for_worker(i: int, gpus: int) -> int | None:
-    """Worker i of `serve --workers N` trains on GPU i; workers past the last GPU use the CPU."""
-    return i if i < gpus else None
+def parse_gpu_set(text: str) -> list[int]:
+    """`--gpu 0` or `--gpu 0,1`: the GPUs (as this process sees them) a worker trains on.
+
+    ValueError, saying why, for anything but distinct non-negative indices."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ValueError(f"--gpu {text!r}: expected a GPU index or a comma list of them (0,1)")
+    gpus = [int(part) for part in parts]
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"--gpu {text!r}: a GPU is named twice")
+    return gpus
+
+
+def gpus_for_workers(workers: int, gpus: int, per_worker: int = 1) -> list[list[int]]:
+    """The GPU set of each of `serve --workers N`'s workers: worker i takes GPUs
+    i*K .. i*K+K-1 (K per worker); workers past the last whole set use the CPU ([])."""
+    return [
+        list(range(i * per_worker, (i + 1) * per_worker)) if (i + 1) * per_worker <= gpus else []
+        for i in range(workers)
+    ]
 
 
 def visible_gpu_count() -> int:
@@ -176,32 +193,35 @@ def visible_gpu_count() -> int:
         return 0
 
 
-def worker_environment(gpu: int | None) -> dict[str, str]:
+def worker_environment(gpus: list[int]) -> dict[str, str]:
     """Environment a worker sets before torch starts CUDA; its training children inherit it.
 
-    `gpu` counts the GPUs this process sees: under CUDA_VISIBLE_DEVICES=2,3, GPU 1 is 3.
-    """
+    `gpus` counts the GPUs this process sees: under CUDA_VISIBLE_DEVICES=2,3, GPU 1 is 3.
+    The worker and its children see only its set, as cuda:0, cuda:1, ..."""
     env = {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)}
-    if gpu is not None:
+    if gpus:
         visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
         visible = [d for d in visible if d]
-        # The worker and its children see one GPU, as cuda:0.
         if not visible:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        else:  # -1: none, so the start check says GPU `gpu` is not there
-            env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if 0 <= gpu < len(visible) else "-1"
-        env["TORCHYARD_GPU"] = str(gpu)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
+        else:  # -1: none, so the start check says which GPU is not there
+            mapped = [visible[gpu] if gpu < len(visible) else "-1" for gpu in gpus]
+            env["CUDA_VISIBLE_DEVICES"] = "-1" if "-1" in mapped else ",".join(mapped)
+        env["TORCHYARD_GPU"] = ",".join(str(gpu) for gpu in gpus)
     return env
 
 
-def worker_gpu_problem() -> str | None:
-    """Why a `--gpu` worker (its environment set by `worker_environment`) cannot train; None
-    when it can.
+def worker_gpu_problem(count: int = 1) -> str | None:
+    """Why a `--gpu` worker (its environment set by `worker_environment`) cannot train on
+    each of its `count` GPUs; None when it can.
 
     Checked in a throwaway process: a CUDA context opened here would hold GPU memory
     for the worker's whole life, and the worker's children open their own.
     """
-    check = "from worker.gpus import cuda_problem; print(cuda_problem(0) or '')"
+    check = (
+        "from worker.gpus import cuda_problem\n"
+        f"print(next(filter(None, map(cuda_problem, range({int(count)}))), ''))"
+    )
     try:
         done = subprocess.run(
             [sys.executable, "-c", check], capture_output=True, text=True, timeout=300
@@ -215,7 +235,6 @@ def worker_gpu_problem() -> str | None:
     return lines[-1] if lines and lines[-1] else None
 
 
-def serve_gpus(workers: int) -> list[int | None]:
-    """The GPU of each of `serve --workers N`'s workers (None: a CPU worker)."""
-    gpus = visible_gpu_count()
-    return [gpu_for_worker(i, gpus) for i in range(workers)]
+def serve_gpus(workers: int, per_worker: int = 1) -> list[list[int]]:
+    """The GPU set of each of `serve --workers N`'s workers ([]: a CPU worker)."""
+    return gpus_for_workers(workers, visible_gpu_count(), per_worker)

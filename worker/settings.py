@@ -51,29 +51,54 @@ class WorkerSettings(CommonSettings):
         return (self.work_dir or self.home / "worker").resolve()
 
 
-# `gpu`: jobs that need CUDA, consumed by GPU workers only. `cpu`: jobs that must
-# not take a GPU. `auto`: jobs that run on a GPU when one is free; GPU workers
-# consume it, and the API's reconciler hands a job still waiting after
-# auto_gpu_wait_s to the `cpu` queue (docs/service.md, "Queues").
+# `gpu`: jobs that need one GPU, consumed by GPU workers only; `gpuN`: jobs of N GPUs
+# a node (resources.gpus N), consumed by workers holding a set of at least N GPUs
+# (`--gpu 0,1`). `cpu`: jobs that must not take a GPU. `auto`: jobs that run on a GPU
+# when one is free; GPU workers consume it, and the API's reconciler hands a job still
+# waiting after auto_gpu_wait_s to the `cpu` queue (docs/service.md, "Queues").
 QUEUES = ("cpu", "gpu", "auto")
 
 
-def worker_queues(gpu: int | None, given: str | None) -> list[str]:
-    """The queues a worker consumes: `gpu,auto` with a GPU, `cpu` without; ValueError if unfit."""
+def gpu_queue(gpus: int) -> str:
+    """The queue of jobs that train on `gpus` GPUs a node."""
+    return "gpu" if gpus == 1 else f"gpu{gpus}"
+
+
+def gpus_of_queue(queue: str) -> int | None:
+    """How many GPUs a job of `queue` trains on (0: none); None for no queue of ours."""
+    if queue in ("cpu", "auto"):
+        return 0
+    if queue == "gpu":
+        return 1
+    digits = queue.removeprefix("gpu")
+    if queue.startswith("gpu") and digits.isdigit() and str(int(digits)) == digits:
+        return int(digits) if int(digits) >= 2 else None
+    return None
+
+
+def worker_queues(gpus: int, given: str | None) -> list[str]:
+    """The queues a worker holding `gpus` GPUs consumes; ValueError, saying why, if unfit.
+
+    Default: `cpu` without a GPU; with a set of K, the jobs of 1 to K GPUs (`gpu`,
+    `gpu2` .. `gpuK`) and `auto`."""
     if not given:
-        return ["gpu", "auto"] if gpu is not None else ["cpu"]
+        return [*(gpu_queue(n) for n in range(1, gpus + 1)), "auto"] if gpus else ["cpu"]
     queues = [q.strip() for q in given.split(",") if q.strip()]
-    unknown = [q for q in queues if q not in QUEUES]
+    unknown = [q for q in queues if gpus_of_queue(q) is None]
     if unknown or not queues:
         raise ValueError(
             f"--queues {given!r}: unknown queue(s) {', '.join(unknown) or '(none given)'}; "
-            f"expected some of {', '.join(QUEUES)}"
+            f"expected some of {', '.join(QUEUES)}, or gpuN for jobs of N GPUs"
         )
-    if gpu is None and "gpu" in queues:
-        raise ValueError(
-            "--queues gpu needs --gpu N: jobs in the gpu queue asked for CUDA, "
-            "and a worker without a GPU would fail them"
-        )
+    for queue in queues:
+        needs = gpus_of_queue(queue) or 0
+        if needs > gpus:
+            held = f"this worker holds {gpus}" if gpus else "this worker holds none"
+            raise ValueError(
+                f"--queues {queue} needs --gpu with at least {needs} GPU(s) ({held}): jobs "
+                f"in the {queue} queue train on {needs} GPU(s), and a worker without them "
+                f"would fail them"
+            )
     return queues
 
 

@@ -187,7 +187,8 @@ def _exit_when_closed(sentinel: int) -> None:
 
 
 def pin_to_worker_gpu(spec: Any, gpu: str | None) -> Any:
-    """A worker started with `--gpu N` sees only that GPU, as cuda:0: `cuda:N` means it."""
+    """A worker started with `--gpu N` sees only its GPUs (`--gpu 0,1`: a set), the first
+    as cuda:0: a one-GPU job's `cuda:N` means that one. Ranks take cuda:LOCAL_RANK."""
     if gpu is None or not spec.training.device.startswith("cuda"):
         return spec
     training = spec.training.model_copy(update={"device": "cuda"})

@@ -29,7 +29,7 @@ WORKERS_STOP_S = 3.5
 class EmbeddedWorkers:
     def __init__(
         self,
-        gpus: list[int | None],
+        gpus: list[list[int]],
         env: dict[str, str],
         *,
         output: IO[str] | None,
@@ -37,7 +37,7 @@ class EmbeddedWorkers:
         say: Callable[[str], None],
         warn: Callable[[str], None],
     ):
-        """Start a worker per entry of `gpus` (its GPU index, None: the CPU); their output
+        """Start a worker per entry of `gpus` (its GPU set, []: the CPU); their output
         goes to `output` (None: this terminal)."""
         self.log_path = log_path
         self.stopping = threading.Event()
@@ -49,7 +49,7 @@ class EmbeddedWorkers:
             for i, gpu in enumerate(gpus):
                 name = f"embedded{i}"
                 argv = [sys.executable, "-m", "app.cli", "worker", "--name", name]
-                argv += [] if gpu is None else ["--gpu", str(gpu)]
+                argv += ["--gpu", ",".join(map(str, gpu))] if gpu else []
                 self.procs[name] = subprocess.Popen(
                     [*argv, "--ready-fd", str(write_end)],
                     env=env,

@@ -21,6 +21,14 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Training worker processes to start.")] = 1,
+    gpus_per_worker: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="GPUs each worker holds (worker i: GPUs i*K to i*K+K-1), for jobs of "
+            "resources.gpus up to K; workers past the last whole set train on the CPU.",
+        ),
+    ] = 1,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -44,9 +52,9 @@ def serve(
     from app.main import create_app
     from worker.gpus import serve_gpus
 
-    gpus = serve_gpus(workers)  # worker i trains on GPU i; the rest on the CPU
+    gpus = serve_gpus(workers, gpus_per_worker)  # worker i: GPUs i*K..; the rest the CPU
     # No GPU worker: `auto` jobs go to the CPU workers at once.
-    no_wait: dict[str, Any] = {} if any(g is not None for g in gpus) else {"auto_gpu_wait_s": 0}
+    no_wait: dict[str, Any] = {} if any(gpus) else {"auto_gpu_wait_s": 0}
     env_url = os.environ.get("TORCHYARD_API_URL")
     settings = Settings(api_url=env_url or f"http://{host}:{port}", **no_wait)
     settings = with_worker_token(settings)
@@ -136,11 +144,18 @@ def serve(
 
 def worker_command(
     gpu: Annotated[
-        int | None, typer.Option(help="Train on this GPU only (sets CUDA_VISIBLE_DEVICES).")
+        str | None,
+        typer.Option(
+            help="Train on this GPU only, or on this set of GPUs (0,1: jobs of up to 2 "
+            "GPUs); sets CUDA_VISIBLE_DEVICES.",
+        ),
     ] = None,
     queues: Annotated[
         str | None,
-        typer.Option(help="Queues to take jobs from (default: gpu,auto with --gpu, else cpu)."),
+        typer.Option(
+            help="Queues to take jobs from (default with --gpu: gpu, gpu2..gpuK for a set "
+            "of K, and auto; without: cpu)."
+        ),
     ] = None,
     name: Annotated[str, typer.Option(help="Worker name (unique per host).")] = "worker",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
@@ -149,16 +164,17 @@ def worker_command(
     ] = None,
 ) -> None:
     """Start a training worker: one job at a time, each in its own child process."""
-    from worker.gpus import worker_environment, worker_gpu_problem
+    from worker.gpus import parse_gpu_set, worker_environment, worker_gpu_problem
     from worker.settings import worker_queues
 
-    # Before torch starts CUDA anywhere: the worker and its children see one GPU.
-    os.environ.update(worker_environment(gpu))
     try:
-        consumed = worker_queues(gpu, queues)
+        gpus = parse_gpu_set(gpu) if gpu is not None else []
+        consumed = worker_queues(len(gpus), queues)
     except ValueError as exc:
         raise fail(str(exc), code=2) from None
-    problem = worker_gpu_problem() if gpu is not None else None
+    # Before torch starts CUDA anywhere: the worker and its children see its GPUs only.
+    os.environ.update(worker_environment(gpus))
+    problem = worker_gpu_problem(len(gpus)) if gpus else None
     if problem:
         raise fail(f"--gpu {gpu}: CUDA is not usable: {problem}")
     from worker.celery_app import app as celery

@@ -192,14 +192,18 @@ def test_a_job_of_several_cpu_ranks_or_nodes_is_accepted(make_server, resources)
         assert response.json()["spec"]["resources"] == resources
 
 
-def test_a_job_of_several_gpus_per_worker_is_refused_where_and_why(make_server):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_job_of_several_gpus_a_node_waits_in_its_own_queue_for_a_worker_holding_that_many(
+    make_server, nodes
+):
     server = make_server()
     with server.new_user() as client:
         dataset = upload(client)
-        spec = job_spec(dataset["id"], resources={"gpus": 2})
+        spec = job_spec(dataset["id"], resources={"gpus": 2, "nodes": nodes})
         spec["training"]["device"] = "auto"  # gpus 2 on cpu is refused for that reason
         response = client.post("/jobs", json=spec)
-        assert response.status_code == 422
-        [issue] = response.json()["detail"]
-        assert issue["path"] == "resources.gpus" and "one GPU, found 2" in issue["message"]
-        assert client.get("/jobs").json()["jobs"] == []
+        assert response.status_code == 201, response.text
+        job = response.json()
+        assert job["queue"] == "gpu2" and job["status"] == "queued"
+        # a wake-up for each node's worker, in the queue only `--gpu 0,1` workers take
+        assert [m["queue"] for m in server.sent_for(job["id"])] == ["gpu2"] * nodes

@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 
 from app.db import session_scope
+from app.dispatch import Dispatcher
 from app.reconciler import Reconciler, reconcile
 from tests.app.conftest import claim, job_spec, submit, upload
 
 
-def run_reconciler(srv):
+def run_reconciler(srv, dispatcher=None):
     with session_scope(srv.sessions) as session:
-        return reconcile(session, srv.settings, srv.app.state.dispatcher)
+        return reconcile(session, srv.settings, dispatcher or srv.app.state.dispatcher)
 
 
 def test_a_wakeup_the_broker_lost_is_sent_again_after_requeue_after_s(make_server):
@@ -38,6 +39,27 @@ def test_a_wakeup_the_broker_lost_is_sent_again_after_requeue_after_s(make_serve
 
         time.sleep(0.3)
         assert not mine & set(run_reconciler(srv).resent)  # the broker holds both again
+
+
+def test_a_lost_wakeup_of_a_gpu_set_queue_another_api_process_sent_is_sent_again(make_server):
+    srv = make_server(requeue_after_s=0.2)
+    with srv.new_user() as user:
+        dataset = upload(user)
+        spec = job_spec(dataset["id"], training__device="auto", resources={"gpus": 2})
+        job = submit(user, spec)
+        [message] = srv.sent_for(job["id"])
+        assert message["queue"] == "gpu2"
+        message["path"].unlink()
+        time.sleep(0.3)
+        # the reconciler of another API process, which never sent to gpu2 itself
+        other = Dispatcher(srv.settings.broker_url, srv.settings.home)
+        try:
+            first, second = run_reconciler(srv, other), run_reconciler(srv, other)
+        finally:
+            other.close()
+        assert job["id"] not in first.resent  # gpu2 first seen: its depth read from then on
+        assert job["id"] in second.resent
+        assert [m["queue"] for m in srv.sent_for(job["id"])] == ["gpu2"]
 
 
 def test_claimed_and_cancelled_jobs_are_not_sent_again(make_server):
@@ -119,8 +141,11 @@ def test_a_lease_that_ran_out_while_the_api_was_down_gets_a_full_lease_after(mak
             reconciler.stop()
 
 
+WAIT_S = 1.0
+
+
 def test_an_auto_job_no_gpu_worker_took_is_handed_to_the_cpu_queue_once(make_server):
-    srv = make_server(auto_gpu_wait_s=0.2)
+    srv = make_server(auto_gpu_wait_s=WAIT_S)  # a round within it, under load too
     with srv.new_user() as user:
         dataset = upload(user)
         waiting = submit(user, job_spec(dataset["id"], training__device="auto"))
@@ -128,13 +153,13 @@ def test_an_auto_job_no_gpu_worker_took_is_handed_to_the_cpu_queue_once(make_ser
         assert [m["queue"] for m in srv.sent_for(waiting["id"])] == ["auto"]
         claim(srv, taken["id"])  # a GPU worker took this one in time
         assert waiting["id"] not in run_reconciler(srv).to_cpu  # still within the wait
-        time.sleep(0.3)
+        time.sleep(WAIT_S + 0.1)
         moved = set(run_reconciler(srv).to_cpu)
         assert waiting["id"] in moved and taken["id"] not in moved
         # Both wake-ups stand: the first worker of either kind to claim runs it.
         assert sorted(m["queue"] for m in srv.sent_for(waiting["id"])) == ["auto", "cpu"]
         assert user.get(f"/jobs/{waiting['id']}").json()["queue"] == "cpu"
-        time.sleep(0.3)
+        time.sleep(WAIT_S + 0.1)
         assert waiting["id"] not in run_reconciler(srv).to_cpu  # handed over once
         assert len(srv.sent_for(waiting["id"])) == 2
 

@@ -102,9 +102,10 @@ def test_a_cpu_worker_runs_auto_jobs_after_the_wait_and_never_takes_cuda_jobs(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can run a GPU worker")
-def test_a_gpu_worker_refuses_to_start_without_usable_cuda_and_says_why(tmp_path):
+@pytest.mark.parametrize("gpus", ["0", "0,1"])
+def test_a_gpu_worker_refuses_to_start_without_usable_cuda_and_says_why(tmp_path, gpus):
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "worker", "--gpu", "0"],
+        [sys.executable, "-m", "app.cli", "worker", "--gpu", gpus],
         env={**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp_path)},
         capture_output=True,
         text=True,
@@ -112,20 +113,28 @@ def test_a_gpu_worker_refuses_to_start_without_usable_cuda_and_says_why(tmp_path
     )
     assert done.returncode == 1
     reason = " ".join(done.stderr.split())
-    assert "--gpu 0: CUDA is not usable:" in reason
+    assert f"--gpu {gpus}: CUDA is not usable:" in reason
     if torch.version.cuda is None:
         assert f"this torch ({torch.__version__}) is a CPU-only build" in reason
     else:
         assert "driver" in reason or "no CUDA device" in reason
 
 
-def test_a_worker_without_a_gpu_refuses_the_gpu_queue(tmp_path):
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--queues", "cpu,gpu"], "--queues gpu needs --gpu with at least 1 GPU(s)"),
+        (["--gpu", "0", "--queues", "gpu2"], "--queues gpu2 needs --gpu with at least 2 GPU(s)"),
+        (["--gpu", "0,0"], "--gpu '0,0': a GPU is named twice"),
+    ],
+)
+def test_a_worker_refuses_queues_its_gpus_cannot_serve_before_it_starts(tmp_path, args, why):
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu"],
+        [sys.executable, "-m", "app.cli", "worker", *args],
         env={**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 2
-    assert "--queues gpu needs --gpu N" in " ".join(done.stderr.split())
+    assert why in " ".join(done.stderr.split())
