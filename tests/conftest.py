@@ -1,10 +1,16 @@
-"""Shared fixtures: real datasets written to disk once per session."""
+"""Shared fixtures: real datasets written to disk once per session; the machine's share
+of each test when pytest-xdist runs two test processes."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +46,22 @@ def load_example(examples_dir: Path):
         return doc, resolve
 
     return load
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Any) -> Iterator[None]:
+    """Under pytest-xdist, a test marked `exclusive` (it asserts wall-clock bounds, such
+    as a stop within 5 s) has the machine to itself: it waits for the other test process
+    to end its current test, which waits in turn. Held from setup to teardown, so module
+    fixtures (a service stack starting) fall inside too. Without xdist: nothing."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    exclusive = item.get_closest_marker("exclusive") is not None
+    with open(Path(tempfile.gettempdir()) / f"torchyard-tests-{run}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

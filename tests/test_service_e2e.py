@@ -12,6 +12,7 @@ downloads the best weights and checks them against the reported best value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,7 +37,8 @@ from safetensors.torch import load_file
 from torchyard import Client
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_DB = 7  # a database of its own, flushed before use
+# a database of its own, flushed before use; one a test process (pytest-xdist's gw0, gw1)
+REDIS_DB = 7 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 
 
 def free_port() -> int:
@@ -60,6 +62,7 @@ class Service:
     token: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # what its processes were started with
 
     def client(self) -> Client:
         return Client(self.url, self.token)
@@ -183,7 +186,13 @@ def compose_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servic
 @pytest.fixture(scope="module")
 def embedded_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`torchyard serve` exactly as the README's quickstart runs it."""
-    tmp = tmp_path_factory.mktemp("embedded")
+    with serve_embedded(tmp_path_factory.mktemp("embedded")) as service:
+        yield service
+
+
+@contextlib.contextmanager
+def serve_embedded(tmp: Path) -> Iterator[Service]:
+    """`torchyard serve` with its embedded defaults in a home of its own under `tmp`."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp / "home")}
     for key in ("TORCHYARD_TOKEN", "TORCHYARD_DATABASE_URL", "TORCHYARD_BROKER_URL"):
@@ -191,7 +200,9 @@ def embedded_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
     proc = spawn(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, tmp / "serve.log"
     )
-    service = Service(url=f"http://127.0.0.1:{port}", token="", procs={"serve": proc}, logs=tmp)
+    service = Service(
+        url=f"http://127.0.0.1:{port}", token="", procs={"serve": proc}, logs=tmp, env=env
+    )
     try:
         service.wait_ready()
         match = re.search(r"TORCHYARD_TOKEN=(\S+)", (tmp / "serve.log").read_text())

@@ -77,14 +77,26 @@ def stack(make_stack, tmp_path: Path):
     return make
 
 
+_references: dict[str, Reference] = {}
+
+
 def local_reference(spec: dict[str, Any], examples_dir: Path, folder: Path) -> Reference:
-    """The same spec trained uninterrupted by `torchyard train` (2 ranks, the elastic agent)."""
-    folder.mkdir()
+    """The same spec trained uninterrupted by `torchyard train` (2 ranks, the elastic agent);
+    once a test process for each spec (the service's dataset ids aside), as several tests
+    compare with the same run."""
     local = json.loads(json.dumps(spec))
     local["data"].update(
         train=str(examples_dir / "data" / "digits_train.npz"),
         validation=str(examples_dir / "data" / "digits_val.npz"),
     )
+    key = json.dumps(local, sort_keys=True)
+    if key not in _references:
+        _references[key] = _train_reference(local, folder)
+    return _references[key]
+
+
+def _train_reference(local: dict[str, Any], folder: Path) -> Reference:
+    folder.mkdir()
     (folder / "spec.json").write_text(json.dumps(local))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "app.cli", "train", str(folder / "spec.json")]
@@ -142,6 +154,7 @@ def test_a_two_process_job_on_one_worker_matches_torchyard_train(stack, examples
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # asserts a stop within STOP_WITHIN_S
 def test_a_sigkilled_worker_leaves_no_rank_behind_and_the_next_worker_finishes_the_job(
     stack, examples_dir, tmp_path
 ):
@@ -174,6 +187,7 @@ def test_a_sigkilled_worker_leaves_no_rank_behind_and_the_next_worker_finishes_t
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # asserts a stop within STOP_WITHIN_S
 def test_a_sigtermed_worker_preempts_its_ranks_mid_epoch_and_the_next_worker_finishes(
     stack, examples_dir, tmp_path
 ):

@@ -240,6 +240,7 @@ def serves(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # asserts a stop within STOP_WITHIN_S
 def test_ctrl_c_of_serve_mid_job_leaves_no_process_and_the_next_serve_finishes_the_job(
     serves, examples_dir, tmp_path
 ):
@@ -294,6 +295,7 @@ def embedded_stack(make_stack, tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # asserts a stop within STOP_WITHIN_S
 def test_a_sigtermed_worker_hands_its_job_back_and_the_next_worker_finishes_it(
     embedded_stack, examples_dir, tmp_path
 ):
@@ -326,6 +328,7 @@ def test_a_sigtermed_worker_hands_its_job_back_and_the_next_worker_finishes_it(
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # asserts a stop within STOP_WITHIN_S
 def test_a_sigkilled_worker_leaves_no_orphan_and_the_next_worker_finishes_its_job(
     embedded_stack, examples_dir, tmp_path
 ):

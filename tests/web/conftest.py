@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_service_e2e import ROOT, Service, free_port, spawn
+from tests.test_service_e2e import ROOT, Service, serve_embedded
 from torchyard import Client
 
 SCREENSHOTS = os.environ.get("TORCHYARD_SCREENSHOTS")  # a folder: save a picture of each page
@@ -42,7 +41,9 @@ def chromium_path() -> str:
     return path  # type: ignore[return-value]
 
 
-@pytest.fixture(scope="session")
+# A module's: Playwright's sync API keeps an event loop running in this thread while it
+# lives, and asyncio tests later in the same test process (pytest-xdist) could not run.
+@pytest.fixture(scope="module")
 def browser(chromium_path: str) -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
@@ -58,31 +59,15 @@ def browser(chromium_path: str) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`torchyard serve` as the README's quickstart runs it, in a home of its own."""
-    tmp = tmp_path_factory.mktemp("dashboard")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp / "home")}
-    for key in ("TORCHYARD_TOKEN", "TORCHYARD_DATABASE_URL", "TORCHYARD_BROKER_URL"):
-        env.pop(key, None)
-    proc = spawn(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, tmp / "serve.log"
-    )
-    service = Service(url=f"http://127.0.0.1:{port}", token="", procs={"serve": proc}, logs=tmp)
-    service.env = env  # type: ignore[attr-defined]
-    try:
-        service.wait_ready()
-        match = re.search(r"TORCHYARD_TOKEN=(\S+)", (tmp / "serve.log").read_text())
-        assert match, service.tail()
-        service.token = match.group(1)
+    with serve_embedded(tmp_path_factory.mktemp("dashboard")) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def new_user_token(service: Service, name: str) -> str:
     """A second user, made as an admin does (`torchyard token create`)."""
     out = subprocess.run(
         [sys.executable, "-m", "app.cli", "token", "create", name],
-        env=service.env,  # type: ignore[attr-defined]
+        env=service.env,
         capture_output=True,
         text=True,
         check=True,
