@@ -164,7 +164,7 @@ def parse_gpu_set(text: str) -> list[int]:
 
     ValueError, saying why, for anything but distinct non-negative indices."""
     parts = [part.strip() for part in str(text).split(",")]
-    if not parts or not all(part.isdigit() for part in parts):
+    if not all(part.isdigit() for part in parts):  # '' too: split gives ['']
         raise ValueError(f"--gpu {text!r}: expected a GPU index or a comma list of them (0,1)")
     gpus = [int(part) for part in parts]
     if len(set(gpus)) != len(gpus):
