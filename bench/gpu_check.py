@@ -81,7 +81,7 @@ class Check:
             status = "FAIL"
             text = str(exc).strip().splitlines()
             detail = f"{type(exc).__name__}: {text[0] if text else ''}"
-            traceback.print_exc(limit=3)
+            traceback.print_exc()
         elapsed = time.perf_counter() - started
         self.rows.append((name, status, f"{detail} [{elapsed:.0f} s]"))
         print(f"{status}  {name}: {detail}", flush=True)
@@ -262,10 +262,16 @@ def ddp_spec(data: Path, **resources: Any) -> dict[str, Any]:
     return doc
 
 
+def python_path() -> str:
+    """This checkout first, then what PYTHONPATH already held (packages carried beside
+    a machine's own Python, as on a lent GPU machine)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 def torchyard_train(doc: dict[str, Any], tmp: Path, name: str, *extra: str) -> subprocess.Popen:
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(doc))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     command = [sys.executable, "-m", "app.cli", "train", str(path), "-o", str(tmp / name), "-q"]
     return subprocess.Popen([*command, *extra], env=env, stderr=subprocess.PIPE, text=True)
 
@@ -335,7 +341,7 @@ def served(tmp: Path, *args: str) -> Iterator[tuple[Any, Callable[..., Any]]]:
     from torchyard import Client
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp / "home")}
+    env = {**os.environ, "PYTHONPATH": python_path(), "TORCHYARD_HOME": str(tmp / "home")}
     for key in ("TORCHYARD_TOKEN", "TORCHYARD_DATABASE_URL", "TORCHYARD_BROKER_URL"):
         env.pop(key, None)
     tmp.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,10 @@ from worker.engine.spec import (
 Interval = Literal["batch", "epoch"]
 
 
+# The optimizers that have a fused CUDA step (torch.optim's `fused=True`).
+FUSED = frozenset({"sgd", "adam", "adamw"})
+
+
 def make_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The torch optimizer the spec names, with its arguments; eps unset keeps torch's default."""
     params = list(params)
@@ -37,6 +41,10 @@ def make_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter]) -> torch
         raise SpecError.at("model", "the model has no parameters to train")
     eps: dict[str, Any] = {} if spec.eps is None else {"eps": spec.eps}
     common: dict[str, Any] = {"lr": spec.lr, "weight_decay": spec.weight_decay, "foreach": None}
+    if spec.type in FUSED and all(p.is_cuda and p.is_floating_point() for p in params):
+        # One kernel for the whole step, and the one path by which a grad scaler
+        # (16-mixed) steps without reading its inf check back to the host each step.
+        common["fused"] = True
     if spec.type == "sgd":
         return torch.optim.SGD(
             params,
@@ -56,6 +64,25 @@ def make_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter]) -> torch
     if spec.type == "adagrad":
         return torch.optim.Adagrad(params, lr_decay=spec.lr_decay, **eps, **common)
     raise ValueError(f"unknown optimizer {spec.type!r}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, keeping the kernels this optimizer was built
+    with: torch takes `fused`/`foreach` from the saved groups, so a last.pt written on
+    the CPU would turn a CUDA optimizer's fused step off (and one written on a GPU
+    would turn it on for the CPU). A fused step keeps its step counts on the device,
+    the others on the CPU."""
+    keys = ("fused", "foreach")
+    kernels = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, built in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(built)
+        fused = bool(built.get("fused"))
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                where = param.device if fused else torch.device("cpu")
+                optimizer.state[param]["step"] = step.to(where)
 
 
 class LRSchedule:

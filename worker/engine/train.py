@@ -54,7 +54,7 @@ from worker.engine.errors import DataError, SpecError
 from worker.engine.files import atomic_path, atomic_write_text
 from worker.engine.losses import CombinedLoss, target_dtype, target_shape
 from worker.engine.metrics import MetricAccumulator
-from worker.engine.optim import make_optimizer, make_scheduler
+from worker.engine.optim import load_optimizer_state, make_optimizer, make_scheduler
 from worker.engine.spec import JobSpec, SplitSpec, default_mode, default_monitor
 from worker.engine.value_checks import check_values
 
@@ -686,7 +686,7 @@ class Trainer:
                 f"started with"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # Empty from a disabled scaler, None in format 1 files without one: both
         # leave this run's scaler as built (an enabled one refuses an empty state).

@@ -11,7 +11,7 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-from worker.engine.optim import LRSchedule, make_optimizer, make_scheduler
+from worker.engine.optim import LRSchedule, load_optimizer_state, make_optimizer, make_scheduler
 from worker.engine.spec import OptimizerSpec, SchedulerSpec
 
 SCHEDULER = TypeAdapter(SchedulerSpec)
@@ -101,6 +101,49 @@ def test_optimizer_builds_with_its_arguments(doc, cls, expected):
         assert group[key] == value, key
     assert group["foreach"] is None
     assert len(group["params"]) == 2
+
+
+def test_cpu_parameters_get_torchs_default_kernels_not_the_fused_step():
+    # fused=True is for CUDA parameters (one kernel a step; a grad scaler that never
+    # reads its inf check back to the host); the CPU keeps the bit-exact default path.
+    for kind in ("sgd", "adam", "adamw"):
+        opt = make_optimizer(OptimizerSpec(type=kind), model().parameters())
+        assert not opt.param_groups[0]["fused"], kind
+
+
+def _stepped(opt_type: str, fused: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    net = model()
+    opt = getattr(torch.optim, opt_type)(net.parameters(), lr=0.1, fused=fused)
+    net(torch.ones(4, 3)).square().mean().backward()
+    opt.step()
+    return net, opt
+
+
+@pytest.mark.parametrize("opt_type", ["Adam", "AdamW", "SGD"])
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_loaded_state_keeps_the_kernels_the_optimizer_was_built_with(opt_type, saved_fused):
+    # torch's own load_state_dict takes `fused` from the saved groups: a last.pt from
+    # a CPU run would switch a GPU run's fused step off, and a GPU one would switch it
+    # on for the CPU. (CPU has fused Adam/AdamW/SGD too, so both ways run here.)
+    _, saved = _stepped(opt_type, fused=saved_fused)
+    state = saved.state_dict()
+    net, opt = _stepped(opt_type, fused=not saved_fused)
+    load_optimizer_state(opt, state)
+    assert bool(opt.param_groups[0]["fused"]) is (not saved_fused)
+    assert opt.param_groups[0]["lr"] == 0.1
+    for param in net.parameters():
+        step = opt.state[param].get("step")
+        if step is not None:
+            assert float(step) == 1.0
+    net(torch.ones(4, 3)).square().mean().backward()
+    opt.step()  # the built kernel runs on the loaded state
+
+
+def test_loading_keeps_a_kernel_key_the_optimizer_never_had_out():
+    net = model()
+    opt = make_optimizer(OptimizerSpec(type="rmsprop"), net.parameters())
+    load_optimizer_state(opt, opt.state_dict())
+    assert "fused" not in opt.param_groups[0]
 
 
 def test_optimizer_without_parameters_is_refused():
