@@ -28,6 +28,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
+COPY torchyard ./torchyard
 RUN pip install . \
     && useradd --create-home --uid 1000 torchyard \
     && mkdir -p /var/lib/torchyard /data/artifacts /work \

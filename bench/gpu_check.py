@@ -379,8 +379,8 @@ def check_service(
         train = client.datasets.upload(data / "digits_train.npz")["id"]
         val = client.datasets.upload(data / "digits_val.npz")["id"]
 
-        def service_spec(**training: Any) -> dict[str, Any]:
-            doc = digits_spec(data, "auto", **training)
+        def service_spec(device: str = "auto", **training: Any) -> dict[str, Any]:
+            doc = digits_spec(data, device, **training)
             doc["data"].update(train=train, validation=val)
             return doc
 
