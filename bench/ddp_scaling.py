@@ -9,7 +9,7 @@ epochs after the first. Communication is timed by a DDP comm hook around the
 default allreduce: from a gradient bucket's launch to its completion, summed per
 step (it runs beside the rest of the backward, so part of it is hidden).
 
-    .venv/bin/python bench/ddp_scaling.py [--epochs 4] [--rows 200000] [--repeats 2] [--batch 512]
+    .venv/bin/python bench/ddp_scaling.py [--epochs 4] [--rows 200000] [--repeats 2] [--batch 512] [--no-comm-clock]
 
 Goal: 2-process / 1-process throughput >= 1.7 (the limit is 2). On a machine whose
 cores are shared with other work the figure says as much about the neighbours:
@@ -95,6 +95,11 @@ class CommClock(Callback):
 def rank_entry(doc: dict[str, Any], run_dir: str, comm_file: str) -> RunResult:
     """One rank (spawned by the launcher: a module-level function)."""
     return run_job(parse_spec(doc), Path(run_dir), callbacks=[CommClock(Path(comm_file))])
+
+
+def rank_entry_untimed(doc: dict[str, Any], run_dir: str) -> RunResult:
+    """One rank without the comm hook (`--no-comm-clock`): what the hook itself costs."""
+    return run_job(parse_spec(doc), Path(run_dir))
 
 
 def allreduce_floor(numel: int, port_file: str, out_file: str, rank: int) -> None:
@@ -236,15 +241,25 @@ WIDE_MLP = {
 
 
 def run(
-    doc: dict[str, Any], tmp: Path, name: str, processes: int, *, gpus: bool = False
+    doc: dict[str, Any],
+    tmp: Path,
+    name: str,
+    processes: int,
+    *,
+    gpus: bool = False,
+    comm_clock: bool = True,
 ) -> dict[str, Any]:
     run_dir, comm = tmp / name, tmp / f"{name}-comm.json"
     doc = {**doc, "resources": {"gpus" if gpus else "processes": processes}}
     if processes == 1:
         result = run_job(parse_spec(doc), run_dir)
-    else:
+    elif comm_clock:
         result = launch_ranks(
             rank_entry, (doc, str(run_dir), str(comm)), nproc=processes, run_dir=run_dir
+        )
+    else:
+        result = launch_ranks(
+            rank_entry_untimed, (doc, str(run_dir)), nproc=processes, run_dir=run_dir
         )
     if result.status != "succeeded":
         raise SystemExit(f"{name} failed: {result.error}")
@@ -303,6 +318,11 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, help="weak scaling on this many GPUs instead")
     parser.add_argument("--batch-per-gpu", type=int, default=2048)
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    parser.add_argument(
+        "--no-comm-clock",
+        action="store_true",
+        help="2 ranks without the comm hook that times the allreduce (its cost, by difference)",
+    )
     args = parser.parse_args()
     if args.gpus:
         return gpu_scaling(args)
@@ -321,7 +341,7 @@ def main() -> int:
         doc = spec_for(case, data, args.epochs)
         for repeat in range(args.repeats):
             one = run(doc, tmp, f"one-{repeat}", 1)
-            two = run(doc, tmp, f"two-{repeat}", 2)
+            two = run(doc, tmp, f"two-{repeat}", 2, comm_clock=not args.no_comm_clock)
             pairs.append(
                 {"one": one, "two": two, "ratio": two["samples_per_s"] / one["samples_per_s"]}
             )

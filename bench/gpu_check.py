@@ -19,6 +19,8 @@ Checks (each a row; all on every visible GPU's behalf where it matters):
 - no sync per step: torch.cuda.set_sync_debug_mode("error") over >= 300 real
   training steps (32, bf16-mixed, 16-mixed); the loss window read once per
   log_every_n_steps is the one sync the loop means to make, and is let through.
+- deterministic: two `deterministic: true` runs, each a fresh `torchyard train`
+  process, end with bit-identical weights.
 - resume: a GPU run's last.pt holds CPU tensors only, resumes on the CPU, and
   that one resumes on the GPU again (and cuda:1 -> cuda:0 with two GPUs).
 - data-parallel (>= 2 GPUs): `torchyard train` with `resources.gpus: 2` (NCCL, a
@@ -243,6 +245,24 @@ def check_resume(data: Path, tmp: Path, first: str, then: str) -> str:
     result = run_job(parse_spec(digits_spec(data, first, epochs=4)), run, resume=True)
     assert result.status == "succeeded" and result.epochs_run == 4, result.error
     return f"{first} -> {then} -> {first}: 4 epochs, last.pt on the CPU"
+
+
+def check_deterministic(data: Path, tmp: Path, device: str) -> str:
+    """`deterministic: true`: two runs, each in a fresh process as the worker's training
+    child is, end with bit-identical weights (cuBLAS needs CUBLAS_WORKSPACE_CONFIG set
+    before CUDA starts: torchyard must set it itself, so it is not inherited here)."""
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    doc = digits_spec(data, device, deterministic=True, epochs=2)
+    weights = []
+    for name in ("deterministic-a", "deterministic-b"):
+        run = torchyard_train(doc, tmp, name)
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-2000:]
+        weights.append(torch.load(tmp / name / "last.pt", weights_only=True)["model"])
+    first, second = weights
+    differ = [key for key, value in first.items() if not torch.equal(value, second[key])]
+    assert not differ, f"weights differ between the two runs: {differ[:5]}"
+    return f"2 runs in fresh processes: all {len(first)} tensors of the weights bit-identical"
 
 
 # ------------------------------------------------------------------ data-parallel
@@ -530,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda p=precision: check_no_sync(data, tmp, p),
                 )
         check.run("resume across devices", lambda: check_resume(data, tmp, device, "cpu"))
+        check.run("deterministic: true", lambda: check_deterministic(data, tmp, device))
         if gpus >= 2:
             check.run(
                 "resume cuda:1 -> cuda:0", lambda: check_resume(data, tmp, "cuda:1", "cuda:0")
