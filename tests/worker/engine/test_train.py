@@ -56,8 +56,11 @@ def metrics_by_name(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def test_digits_cnn_example_reaches_97_percent(load_example, tmp_path):
+def test_digits_cnn_example_reaches_97_percent_within_4_epochs(load_example, tmp_path):
     doc, resolve = load_example("digits_cnn.json")
+    # The example as shipped but for its length (12 epochs; the cosine schedule follows):
+    # it passes 97% by its fourth epoch, and the suite keeps a minute.
+    doc["training"]["epochs"] = 4
     result = run_job(parse_spec(doc), tmp_path, resolve=resolve)
     assert result.status == "succeeded", result.error
     assert result.monitor == "val_accuracy"
