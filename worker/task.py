@@ -288,6 +288,22 @@ def fetch_datasets(
     return paths
 
 
+def dataset_names(datasets: dict[str, dict[str, Any]], paths: dict[str, str]) -> dict[str, str]:
+    """What a job's error calls each fetched file: the name it was uploaded under and its
+    dataset id, not the sha256 this worker's cache keeps it by."""
+    names = {}
+    for ref, path in paths.items():
+        filename = datasets[ref].get("filename")
+        names[Path(path).name] = f"{filename} (dataset {ref})" if filename else f"dataset {ref}"
+    return names
+
+
+def _named(error: str, names: dict[str, str]) -> str:
+    for cached, name in names.items():
+        error = error.replace(cached, name)
+    return error
+
+
 def fetch_resume(api: WorkerClient, url: str | None, run_dir: Path) -> bool:
     if not url:
         return False
@@ -319,7 +335,8 @@ def _supervise(
     )
     child.start()
     try:
-        return _watch(api, claim, child, outbox, cancel, run_dir, settings)
+        names = dataset_names(claim.datasets, datasets)
+        return _watch(api, claim, child, outbox, cancel, run_dir, settings, names)
     finally:
         if child.is_alive():
             child.kill()
@@ -334,6 +351,7 @@ def _watch(
     cancel: Any,
     run_dir: Path,
     settings: WorkerSettings,
+    names: dict[str, str],
 ) -> str:
     uploader = Uploader(
         api,
@@ -375,6 +393,8 @@ def _watch(
     if uploader.result is not None:
         result = uploader.result
         status = result["status"]
+        if result.get("error"):
+            result = {**result, "error": _named(result["error"], names)}
     else:
         status = "failed"
         result = {"error": _death_reason(child.exitcode)}

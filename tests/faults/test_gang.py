@@ -160,7 +160,9 @@ def test_a_node_whose_own_ranks_fail_fails_the_job_with_its_reason_rather_than_r
     final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 300)
     assert final["status"] == "failed", built.tail()
     assert final["error"].startswith("node 1: "), final["error"]
-    assert f"{train['sha256']}.npz: not a valid NPZ file" in final["error"], final["error"]
+    # named as the user knows it (the upload's name and id), not by the cache's sha256
+    named = f"digits_train.npz (dataset {train['id']}): not a valid NPZ file"
+    assert named in final["error"], final["error"]
     # failed once, with node 1's reason: not restarted into the same failure
     assert attempts_of(tmp_path, job_id) == [(1, "failed")]
     assert [w.split(":")[0] for _, w in rows(tmp_path, gang, job_id)] == ["w0", "w1"]

@@ -6,7 +6,7 @@ import time
 
 from worker.client import WorkerClient
 from worker.engine.spec import parse_spec
-from worker.task import _death_reason, _finish, pin_to_worker_gpu
+from worker.task import _death_reason, _finish, _named, dataset_names, pin_to_worker_gpu
 
 
 def spec_on(device: str):
@@ -30,6 +30,17 @@ def test_a_dead_training_process_gets_a_one_line_reason():
     assert _death_reason(-9) == "training process was killed by SIGKILL (out of memory?)"
     assert _death_reason(-11) == "training process was killed by SIGSEGV"
     assert "exited with code 3" in _death_reason(3)
+
+
+def test_a_jobs_error_names_its_datasets_as_uploaded_not_by_the_caches_sha256():
+    sha = "9f" * 32
+    meta = {"ds_1": {"sha256": sha, "filename": "train.npz"}, "ds_2": {"sha256": "ab" * 32}}
+    paths = {"ds_1": f"/work/datasets/{sha}.npz", "ds_2": f"/work/datasets/{'ab' * 32}.csv"}
+    names = dataset_names(meta, paths)
+    error = f"{sha}.npz: not a valid NPZ file (truncated); also {'ab' * 32}.csv: has no rows"
+    assert _named(error, names) == (
+        "train.npz (dataset ds_1): not a valid NPZ file (truncated); also dataset ds_2: has no rows"
+    )
 
 
 def test_finish_retries_an_unreachable_api_then_leaves_the_job_to_the_reconciler():
