@@ -333,9 +333,9 @@ def _supervise(
         args=(claim.spec, str(run_dir), datasets, resume, outbox, cancel, os.getpid(), claim.place),
         name=f"torchyard-train-{claim.job_id}",
     )
+    names = dataset_names(claim.datasets, datasets)
     child.start()
     try:
-        names = dataset_names(claim.datasets, datasets)
         return _watch(api, claim, child, outbox, cancel, run_dir, settings, names)
     finally:
         if child.is_alive():
