@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from worker.engine.devices import CUBLAS_WORKSPACE
+from worker.engine.spec import CUBLAS_WORKSPACE
 
 # Which wheel to build for an older driver or GPU (docs: README, Deployment).
 OLDER_WHEEL_HINT = (

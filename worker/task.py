@@ -34,8 +34,8 @@ from typing import Any
 import tenacity
 
 from worker.client import ApiUnavailable, NotClaimable, StaleAttempt, WorkerClient
-from worker.reporting import ProgressToQueue, QueueReporter, Uploader
 from worker.settings import WorkerSettings
+from worker.uploader import Uploader
 
 log = logging.getLogger("torchyard.worker")
 
@@ -102,8 +102,11 @@ def train_in_child(
     preempt = threading.Event()  # SIGTERM from the parent: save a mid-epoch last.pt, exit
     signal.signal(signal.SIGTERM, lambda *_: preempt.set())
     try:
+        # Here, not at the top: the worker parent imports this module and stays
+        # without torch (seconds and ~150 MB a worker); the child trains with it.
         from worker.engine.spec import parse_spec
         from worker.engine.train import run_job
+        from worker.reporting import ProgressToQueue, QueueReporter
 
         spec = pin_to_worker_gpu(parse_spec(spec_doc), os.environ.get("TORCHYARD_GPU"))
         path = Path(run_dir)

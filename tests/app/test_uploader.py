@@ -11,7 +11,7 @@ from app.db import session_scope
 from app.store import events
 from tests.app.conftest import claim, points
 from worker.client import WorkerClient
-from worker.reporting import Uploader
+from worker.uploader import Uploader
 
 
 def metrics_events(server, job_id: str) -> int:

@@ -10,11 +10,7 @@ import os
 
 import torch
 
-from worker.engine.spec import TrainingSpec
-
-# cuBLAS is deterministic only with a fixed workspace (PyTorch's reproducibility
-# notes). torch reads it once, when cuBLAS first starts in the process.
-CUBLAS_WORKSPACE = ":4096:8"
+from worker.engine.spec import CUBLAS_WORKSPACE, TrainingSpec
 
 # Layers and losses of the allowlist with no deterministic CUDA kernel: under
 # `deterministic: true` torch warns and runs them anyway (README, "Reproducibility").
