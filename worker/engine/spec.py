@@ -26,11 +26,12 @@ from pydantic import (
 
 from worker.engine.errors import SpecError, SpecIssue
 
-MAX_NODES = 10_000
 # `deterministic: true` on a GPU: cuBLAS is deterministic only with a fixed workspace
 # (PyTorch's reproducibility notes), read once, when cuBLAS first starts in a process.
 # Here, not in devices.py, so the worker parent (worker/gpus.py) reads it without torch.
 CUBLAS_WORKSPACE = ":4096:8"
+
+MAX_NODES = 10_000
 MAX_NAME_LENGTH = 64
 # Job metadata (the service stores, lists and filters by it; training ignores it).
 MAX_LABEL_LENGTH = 64  # a project or a tag
