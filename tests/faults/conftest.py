@@ -389,12 +389,26 @@ def spec_for(train_id: str, val_id: str, *, epochs: int, **training: Any) -> dic
     return spec
 
 
-def wait_status(client: Client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
-    return wait_for(
-        lambda: (job := client.job(job_id).info)["status"] in statuses and job,
-        timeout=timeout,
-        every=0.3,
-    )
+def wait_status(
+    client: Client,
+    job_id: str,
+    statuses: set[str],
+    timeout: float = 180,
+    stack: Stack | None = None,
+) -> dict:
+    """The job once its status is one of `statuses`. On a timeout, which must come before
+    pytest-timeout's 300 s to be seen, says where the job stood and, given its `stack`,
+    the tail of every process's log."""
+    try:
+        return wait_for(
+            lambda: (job := client.job(job_id).info)["status"] in statuses and job,
+            timeout=timeout,
+            every=0.3,
+        )
+    except AssertionError:
+        job = client.job(job_id).info
+        where = f"job {job_id} still {job['status']} after {timeout:.0f} s: {job}"
+        raise AssertionError(where + ("\n" + stack.tail() if stack else "")) from None
 
 
 def checkpoints_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:

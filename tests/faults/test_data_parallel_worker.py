@@ -146,7 +146,7 @@ def test_a_two_process_job_on_one_worker_matches_torchyard_train(stack, examples
 
     worker = built.workers["w0"]
     wait_for(lambda: len(rank_processes(worker.pid)) == RANKS, timeout=240, every=0.1)
-    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 200, built)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
     assert attempts_of(tmp_path, job_id) == [(1, "succeeded")]
     reference = local_reference(spec, examples_dir, tmp_path / "reference")
@@ -177,7 +177,7 @@ def test_a_sigkilled_worker_leaves_no_rank_behind_and_the_next_worker_finishes_t
     assert_all_gone_within(training | ranks, since)
 
     built.start_worker("w1")
-    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 200, built)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
     assert attempts_of(tmp_path, job_id) == [(1, "lost"), (2, "succeeded")]
     # attempt 2 started from the checkpoint attempt 1 uploaded, not from scratch
@@ -216,7 +216,7 @@ def test_a_sigtermed_worker_preempts_its_ranks_mid_epoch_and_the_next_worker_fin
     assert state["position"] is not None
 
     built.start_worker("w1")
-    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 200, built)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
     assert attempts_of(tmp_path, job_id) == [(1, "released"), (2, "succeeded")]
     reference = local_reference(spec, examples_dir, tmp_path / "reference")

@@ -57,7 +57,7 @@ def test_two_workers_form_a_two_node_gang_that_trains_as_two_ranks_on_one_node(
     built = stack(**FAST_RECOVERY, TORCHYARD_GANG_WAIT_S="120")
     client, spec, job_id = submit_to_two_workers(built, examples_dir)
 
-    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 200, built)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
     assert attempts_of(tmp_path, job_id) == [(1, "succeeded")]
     members = rows(
@@ -89,7 +89,7 @@ def test_a_partial_gang_lets_its_claim_go_and_forms_when_a_second_worker_comes(
     assert attempts_of(tmp_path, job_id) == []
 
     built.start_worker("w1", **ON_LOOPBACK)
-    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 200, built)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
     assert attempts_of(tmp_path, job_id) == [(1, "succeeded")]
 
@@ -120,7 +120,7 @@ def test_a_killed_node_loses_the_attempt_at_once_and_the_job_resumes_on_a_fresh_
     assert any(r and r.startswith("lost a rank of the run") for r in reasons), reasons
 
     built.start_worker("w2", **ON_LOOPBACK)  # the gang of attempt 2: the survivor and w2
-    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 400)
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 200, built)
     assert final["status"] == "succeeded", f"{final['error']}\n{built.tail()}"
     assert attempts_of(tmp_path, job_id) == [(1, "lost"), (2, "succeeded")]
     workers = {w.split(":")[0] for _, w in rows(tmp_path, gang, job_id, 2)}
@@ -157,7 +157,7 @@ def test_a_node_whose_own_ranks_fail_fails_the_job_with_its_reason_rather_than_r
     (cache / f"{train['sha256']}.npz").write_bytes(b"PK\x03\x04 cut short")
     built.start_worker("w1", **ON_LOOPBACK)
 
-    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 300)
+    final = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 200, built)
     assert final["status"] == "failed", built.tail()
     assert final["error"].startswith("node 1: "), final["error"]
     # named as the user knows it (the upload's name and id), not by the cache's sha256
