@@ -152,7 +152,7 @@ def test_the_cli_starts_without_torch():
 
 def test_the_worker_parent_runs_without_torch():
     """The worker process (`torchyard worker`: Celery, the claim, the uploads) imports no
-    torch: each worker starts seconds sooner and ~150 MB lighter. Its training child
+    torch: each worker starts seconds sooner and ~200 MB lighter. Its training child
     imports torch when it trains."""
     probe = (
         "import sys, app.cli.service, worker.celery_app, worker.task, worker.gpus; "

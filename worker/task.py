@@ -103,7 +103,7 @@ def train_in_child(
     signal.signal(signal.SIGTERM, lambda *_: preempt.set())
     try:
         # Here, not at the top: the worker parent imports this module and stays
-        # without torch (seconds and ~150 MB a worker); the child trains with it.
+        # without torch (3 to 4 s and ~200 MB a worker); the child trains with it.
         from worker.engine.spec import parse_spec
         from worker.engine.train import run_job
         from worker.reporting import ProgressToQueue, QueueReporter
