@@ -92,14 +92,11 @@ class CommClock(Callback):
             self.out.write_text(json.dumps(figures))
 
 
-def rank_entry(doc: dict[str, Any], run_dir: str, comm_file: str) -> RunResult:
-    """One rank (spawned by the launcher: a module-level function)."""
-    return run_job(parse_spec(doc), Path(run_dir), callbacks=[CommClock(Path(comm_file))])
-
-
-def rank_entry_untimed(doc: dict[str, Any], run_dir: str) -> RunResult:
-    """One rank without the comm hook (`--no-comm-clock`): what the hook itself costs."""
-    return run_job(parse_spec(doc), Path(run_dir))
+def rank_entry(doc: dict[str, Any], run_dir: str, comm_file: str | None) -> RunResult:
+    """One rank (spawned by the launcher: a module-level function); without a comm_file
+    (`--no-comm-clock`) no comm hook, to show what the hook itself costs."""
+    clock = [CommClock(Path(comm_file))] if comm_file else []
+    return run_job(parse_spec(doc), Path(run_dir), callbacks=clock)
 
 
 def allreduce_floor(numel: int, port_file: str, out_file: str, rank: int) -> None:
@@ -253,13 +250,10 @@ def run(
     doc = {**doc, "resources": {"gpus" if gpus else "processes": processes}}
     if processes == 1:
         result = run_job(parse_spec(doc), run_dir)
-    elif comm_clock:
-        result = launch_ranks(
-            rank_entry, (doc, str(run_dir), str(comm)), nproc=processes, run_dir=run_dir
-        )
     else:
+        timed = str(comm) if comm_clock else None
         result = launch_ranks(
-            rank_entry_untimed, (doc, str(run_dir)), nproc=processes, run_dir=run_dir
+            rank_entry, (doc, str(run_dir), timed), nproc=processes, run_dir=run_dir
         )
     if result.status != "succeeded":
         raise SystemExit(f"{name} failed: {result.error}")
