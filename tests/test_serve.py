@@ -157,3 +157,41 @@ def test_a_port_in_use_stops_serve_with_the_reason_on_the_terminal(start_serve):
         assert serve.proc.wait(timeout=120) == 3
     assert "address already in use" in serve.stderr()
     assert "Traceback" not in serve.stderr()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux CPU affinity and two CPUs to split",
+)
+def test_worker_cpus_split_the_machine_between_training_and_the_api(start_serve, examples_dir):
+    from tests.test_service_e2e import short_digits_spec, upload_digits
+    from torchyard import Client
+    from worker.cpus import format_cpu_list
+
+    cpus = os.sched_getaffinity(0)
+    training = max(cpus)
+    serve = start_serve("--worker-cpus", str(training))
+    serve.wait_for(lambda: "worker ready" in serve.stdout(), "'worker ready'")
+    rest = format_cpu_list(cpus - {training})
+    assert f"workers on CPUs {training}, the API on {rest}" in serve.stdout()
+    assert os.sched_getaffinity(serve.proc.pid) == cpus - {training}
+    (worker,) = worker_pids(serve)
+    assert os.sched_getaffinity(worker) == {training}
+
+    token = serve.stdout().split("TORCHYARD_TOKEN=")[1].split()[0]
+    client = Client(serve.url, token)
+    job = client.submit(short_digits_spec(*upload_digits(client, examples_dir), epochs=1))
+    assert job.wait(timeout=180).info["status"] == "succeeded"
+    # the training child, a process of its own, says where it ran
+    assert any(f"threads on CPUs {training})" in line for line in job.logs()), job.logs()[:5]
+    assert serve.interrupt() == 0
+
+
+def test_worker_cpus_the_machine_lacks_stop_serve_with_the_reason(start_serve):
+    missing = (os.cpu_count() or 1) + 1
+    serve = start_serve("--worker-cpus", str(missing))
+    assert serve.proc.wait(timeout=60) == 2
+    assert f"--worker-cpus {missing}: CPU {missing} is not one this worker may run on" in (
+        serve.stderr()
+    )
+    assert "Traceback" not in serve.stderr()

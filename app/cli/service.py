@@ -37,6 +37,14 @@ def serve(
             help="Show the API's and the workers' logs here instead of in $TORCHYARD_HOME/logs/serve.log.",
         ),
     ] = False,
+    worker_cpus: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TORCHYARD_WORKER_CPUS",
+            help="Run the workers on these CPUs (1-7, as taskset -c) and the API on the "
+            "others, so neither slows the other.",
+        ),
+    ] = None,
 ) -> None:
     """Start the API and training workers with embedded defaults (SQLite, no broker server)."""
     import logging
@@ -50,8 +58,13 @@ def serve(
     from app.cli.embedded_workers import EmbeddedWorkers
     from app.config import Settings, with_worker_token
     from app.main import create_app
+    from worker.cpus import check_cpus, format_cpu_list, keep_off
     from worker.gpus import serve_gpus
 
+    try:
+        training_cpus = check_cpus(worker_cpus) if worker_cpus else set()
+    except ValueError as exc:
+        raise fail(str(exc).replace("--cpus", "--worker-cpus", 1), code=2) from None
     gpus = serve_gpus(workers, gpus_per_worker)  # worker i: GPUs i*K..; the rest the CPU
     # No GPU worker: `auto` jobs go to the CPU workers at once.
     no_wait: dict[str, Any] = {} if any(gpus) else {"auto_gpu_wait_s": 0}
@@ -68,6 +81,8 @@ def serve(
         "TORCHYARD_WORKER_TOKEN": settings.worker_token or "",
         "PYTHONUNBUFFERED": "1",  # the log shows a worker's lines as they happen
     }
+    if worker_cpus:
+        child_env["TORCHYARD_WORKER_CPUS"] = worker_cpus
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(log_path.open("a")) if log_path else None
         embedded = EmbeddedWorkers(
@@ -80,10 +95,17 @@ def serve(
                 f"[red]error:[/red] {line}", highlight=False, soft_wrap=True
             ),
         )
+        # The workers have started, on every CPU: each pins itself to the set.
+        api_cpus = keep_off(training_cpus) if training_cpus else set()
         console.print(
             f"torchyard API at {settings.api_url}  (docs: {settings.api_url}/docs)",
             highlight=False,
         )
+        if training_cpus:
+            where = f", the API on {format_cpu_list(api_cpus)}" if api_cpus else ""
+            console.print(
+                f"workers on CPUs {format_cpu_list(training_cpus)}{where}", highlight=False
+            )
         console.print(f"state in {settings.home}", highlight=False, soft_wrap=True)
         if token:
             # Plain print: a wrapped token would not survive copy and paste.
@@ -157,6 +179,15 @@ def worker_command(
             "of K, and auto; without: cpu)."
         ),
     ] = None,
+    cpus: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TORCHYARD_WORKER_CPUS",
+            help="Run on these CPUs only (0-3,8, as taskset -c): keeps the API, its "
+            "database and other work off the training's cores; torch takes one thread "
+            "a CPU.",
+        ),
+    ] = None,
     name: Annotated[str, typer.Option(help="Worker name (unique per host).")] = "worker",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     ready_fd: Annotated[
@@ -164,12 +195,15 @@ def worker_command(
     ] = None,
 ) -> None:
     """Start a training worker: one job at a time, each in its own child process."""
+    from worker.cpus import pin_worker
     from worker.gpus import parse_gpu_set, worker_environment, worker_gpu_problem
     from worker.settings import worker_queues
 
     try:
         gpus = parse_gpu_set(gpu) if gpu is not None else []
         consumed = worker_queues(len(gpus), queues)
+        if cpus:
+            pin_worker(cpus)  # before any thread starts: each inherits the set
     except ValueError as exc:
         raise fail(str(exc), code=2) from None
     # Before torch starts CUDA anywhere: the worker and its children see its GPUs only.

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from worker.cpus import format_cpu_list, pinned_cpus
 from worker.engine.spec import CUBLAS_WORKSPACE, TrainingSpec
 
 # Layers and losses of the allowlist with no deterministic CUDA kernel: under
@@ -36,7 +37,10 @@ def set_determinism(deterministic: bool) -> None:
 def use_device(device: torch.device, training: TrainingSpec) -> list[str]:
     """Make `device` the current one and set its flags; returns the lines to log at start."""
     if device.type != "cuda":
-        return [f"device: {device}, torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+        threads = torch.get_num_threads()
+        pinned = pinned_cpus()  # `worker --cpus`, taskset or a container's cpuset
+        on = f" on CPUs {format_cpu_list(pinned)}" if pinned else ""
+        return [f"device: {device}, torch {torch.__version__} ({threads} threads{on})"]
     # Without this, pinned-memory threads and autocast checks open a context on GPU 0.
     torch.cuda.set_device(device)
     # PyTorch's default is off for matmuls (cuDNN convolutions use TF32 regardless).
