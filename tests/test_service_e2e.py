@@ -191,14 +191,12 @@ def embedded_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
 
 
 @contextlib.contextmanager
-def serve_embedded(tmp: Path, **settings: str) -> Iterator[Service]:
-    """`torchyard serve` with its embedded defaults in a home of its own under `tmp`
-    (and `settings`, environment variables, on top)."""
+def serve_embedded(tmp: Path) -> Iterator[Service]:
+    """`torchyard serve` with its embedded defaults in a home of its own under `tmp`."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHYARD_HOME": str(tmp / "home")}
     for key in ("TORCHYARD_TOKEN", "TORCHYARD_DATABASE_URL", "TORCHYARD_BROKER_URL"):
         env.pop(key, None)
-    env.update(settings)
     proc = spawn(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, tmp / "serve.log"
     )
