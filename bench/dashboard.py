@@ -24,6 +24,14 @@
    blocks are long (40 s) and an epoch counts only from 20 s into its block: the figure
    is the pages being open, not being opened. Goal: <= 1.03.
 
+   Where things run: by default anywhere (the kernel's choice). `--worker-cpus 0
+   --service-cpus 1` lays the machine out as a deployment that gives training cores
+   of its own (`serve --worker-cpus`, compose's cpuset): the worker on CPU 0
+   (`TORCHYARD_WORKER_CPUS`), and on CPU 1 this benchmark with what it starts (the
+   API processes, Chromium) and a local Postgres server (its CPUs given back at the
+   end). Chromium there stands for the user's machine as far as one machine can: it
+   keeps off the training's core, but shares its cache and memory.
+
    The pages are opened again in each observed block and closed at its end, not kept
    open across blocks: an unobserved block must have no page at all (a page kept open
    but hidden would measure the page's hidden state, not its absence), and the
@@ -45,16 +53,19 @@ The service: Postgres (a fresh database), the filesystem broker, the API as
 
     .venv/bin/python bench/dashboard.py [--points 1000000] [--loads 5]
         [--pages 10] [--epochs 240] [--block-s 40] [--settle-s 20] [--skip-big] [--skip-overhead]
+        [--worker-cpus 0 --service-cpus 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +96,8 @@ from watch_overhead import (
     paired_ratios,
     watched_spec,
 )
+
+from worker.cpus import parse_cpu_list
 
 SERIES = 5
 BATCH = 100_000
@@ -528,8 +541,55 @@ def main() -> int:
     parser.add_argument("--database", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument(
+        "--worker-cpus",
+        help="the worker's CPUs (`torchyard worker --cpus`, e.g. 0); default: not pinned",
+    )
+    parser.add_argument(
+        "--service-cpus",
+        help="the CPUs of this benchmark and so of what it starts: the API processes and "
+        "Chromium (e.g. 1); needs --worker-cpus; default: not pinned",
+    )
     args = parser.parse_args()
+    if args.service_cpus and not args.worker_cpus:
+        parser.error("--service-cpus needs --worker-cpus (the worker would inherit them)")
+    where = {
+        "worker": args.worker_cpus or "any",
+        "API, Chromium and the database server": args.service_cpus or "any",
+    }
+    print("CPUs: " + "; ".join(f"{what} {cpus}" for what, cpus in where.items()))
 
+    service_cpus = parse_cpu_list(args.service_cpus) if args.service_cpus else None
+    with on_cpus(service_cpus, args.database):
+        return run(args)
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None, database: str) -> Iterator[None]:
+    """This benchmark (and so what it starts: the API processes, Chromium) and a local
+    Postgres server on `cpus`, as a deployment keeps them off the training's cores
+    (compose's cpuset); the server's CPUs are given back at the end."""
+    if cpus is None:
+        yield
+        return
+    os.sched_setaffinity(0, cpus)
+    server = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+    if database != "postgres":
+        server = []
+    before: dict[psutil.Process, list[int]] = {}
+    for proc in server:
+        with contextlib.suppress(psutil.Error):  # a backend that ended meanwhile
+            before[proc] = proc.cpu_affinity()
+            proc.cpu_affinity(sorted(cpus))  # new backends inherit the postmaster's
+    try:
+        yield
+    finally:
+        for proc, mask in before.items():
+            with contextlib.suppress(psutil.Error):
+                proc.cpu_affinity(mask)
+
+
+def run(args: argparse.Namespace) -> int:
     playwright, browser = browser_and_playwright()
     try:
         with scratch() as tmp, database(args.database, Path(tmp)) as url:
@@ -542,6 +602,8 @@ def main() -> int:
                     big_series(served.url, settings, args, browser)
                 if not args.skip_overhead:
                     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+                    if args.worker_cpus:
+                        threads["TORCHYARD_WORKER_CPUS"] = args.worker_cpus
                     with Worker(settings, served.url, queues="cpu", extra_env=threads) as worker:
                         overhead(served.url, settings, args, browser, served, worker)
     finally:
