@@ -1,14 +1,18 @@
 """`torchyard worker --cpus 0-3`: the CPUs a worker and its training children run on.
 
-On a machine that also runs the API, its database or a browser, the kernel places
-their threads on whatever core is free a moment, the training's core included, and
-moves the training thread when it wakes one; a CPU set of its own keeps the others
-off it. The set is the worker's own affinity (sched_setaffinity), which its training
+On a machine that also runs the API, its database or a browser, the kernel wakes
+their threads on whatever core it likes, the training's included. Training runs
+undisturbed only on CPUs of its own with the rest kept off them: `serve
+--worker-cpus` does both (its API moves to the other CPUs: `keep_off`); a worker
+started alone pins itself, and the API and the database need the other CPUs given
+to them (taskset, compose's cpuset). Pinning the worker alone does not help
+(bench/README.md, "dashboard").
+
+The set is the worker's own affinity (sched_setaffinity), which its training
 children, their DataLoader workers and data-parallel ranks inherit; torch sizes its
 thread pool to it (one thread a CPU, unless OMP_NUM_THREADS says otherwise), and a
-job's log names the set. Kubernetes' static CPU manager and docker's `cpuset` give a
-container the same thing; this is the flag for a worker started by hand or by `serve`.
-Linux only (macOS has no CPU affinity).
+job's log names it. Kubernetes' static CPU manager and docker's `cpuset` give a
+container the same. Linux only (macOS has no CPU affinity).
 """
 
 from __future__ import annotations

@@ -183,9 +183,9 @@ def worker_command(
         str | None,
         typer.Option(
             envvar="TORCHYARD_WORKER_CPUS",
-            help="Run on these CPUs only (0-3,8, as taskset -c): keeps the API, its "
-            "database and other work off the training's cores; torch takes one thread "
-            "a CPU.",
+            help="Run on these CPUs only (0-3,8, as taskset -c); torch takes one thread "
+            "a CPU. Give the API and its database the other CPUs (serve --worker-cpus "
+            "does it for its own API).",
         ),
     ] = None,
     name: Annotated[str, typer.Option(help="Worker name (unique per host).")] = "worker",
