@@ -547,12 +547,16 @@ def main() -> int:
     )
     parser.add_argument(
         "--service-cpus",
-        help="the CPUs of this benchmark and so of what it starts: the API processes and "
-        "Chromium (e.g. 1); needs --worker-cpus; default: not pinned",
+        help="the CPUs of this benchmark and so of what it starts (the API processes, "
+        "Chromium), and of a local Postgres server (e.g. 1); needs --worker-cpus; "
+        "default: not pinned",
     )
     args = parser.parse_args()
     if args.service_cpus and not args.worker_cpus:
         parser.error("--service-cpus needs --worker-cpus (the worker would inherit them)")
+    if args.service_cpus and not args.skip_big:
+        # the big-series figures are for the browser on the whole 2-core machine
+        parser.error("--service-cpus is for the overhead figure: add --skip-big")
     where = {
         "worker": args.worker_cpus or "any",
         "API, Chromium and the database server": args.service_cpus or "any",
@@ -578,9 +582,12 @@ def on_cpus(cpus: set[int] | None, database: str) -> Iterator[None]:
         server = []
     before: dict[psutil.Process, list[int]] = {}
     for proc in server:
-        with contextlib.suppress(psutil.Error):  # a backend that ended meanwhile
-            before[proc] = proc.cpu_affinity()
+        with contextlib.suppress(psutil.Error):  # ended meanwhile, or not ours to move
+            mask = proc.cpu_affinity()
             proc.cpu_affinity(sorted(cpus))  # new backends inherit the postmaster's
+            before[proc] = mask
+    if database == "postgres":
+        print(f"Postgres server processes moved: {len(before)} of {len(server)}")
     try:
         yield
     finally:
@@ -601,10 +608,10 @@ def run(args: argparse.Namespace) -> int:
                 if not args.skip_big:
                     big_series(served.url, settings, args, browser)
                 if not args.skip_overhead:
-                    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+                    worker_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
                     if args.worker_cpus:
-                        threads["TORCHYARD_WORKER_CPUS"] = args.worker_cpus
-                    with Worker(settings, served.url, queues="cpu", extra_env=threads) as worker:
+                        worker_env["TORCHYARD_WORKER_CPUS"] = args.worker_cpus
+                    with Worker(settings, served.url, queues="cpu", extra_env=worker_env) as worker:
                         overhead(served.url, settings, args, browser, served, worker)
     finally:
         browser.close()
