@@ -53,7 +53,7 @@ The service: Postgres (a fresh database), the filesystem broker, the API as
 
     .venv/bin/python bench/dashboard.py [--points 1000000] [--loads 5]
         [--pages 10] [--epochs 240] [--block-s 40] [--settle-s 20] [--skip-big] [--skip-overhead]
-        [--worker-cpus 0 --service-cpus 1]
+        [--worker-cpus 0 [--service-cpus 1 (with --skip-big)]]
 """
 
 from __future__ import annotations
